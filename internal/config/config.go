@@ -1,0 +1,122 @@
+// Package config is Cube's one typed configuration. Defaults live in the
+// `default` struct tags; a JSON file (optional) and CUBE_* environment
+// variables (the `env` tags) override them, in that order; command-line
+// flags bound by cmd/cube override last.
+package config
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cubesandbox/cube/internal/errs"
+)
+
+// Config is the whole configuration of a cube process.
+type Config struct {
+	DataDir   string `json:"dataDir" env:"CUBE_DATA_DIR" default:"/var/lib/cube"`
+	CacheDir  string `json:"cacheDir" env:"CUBE_CACHE_DIR" default:"/var/cache/cube"`
+	LogLevel  string `json:"logLevel" env:"CUBE_LOG_LEVEL" default:"info"`
+	LogFormat string `json:"logFormat" env:"CUBE_LOG_FORMAT" default:"text"`
+
+	// Server (API + proxy) settings.
+	Listen        string `json:"listen" env:"CUBE_LISTEN" default:":3000"`
+	ClusterListen string `json:"clusterListen" env:"CUBE_CLUSTER_LISTEN" default:":3001"`
+	Domain        string `json:"domain" env:"CUBE_DOMAIN" default:""`
+	TLSCert       string `json:"tlsCert" env:"CUBE_TLS_CERT" default:""`
+	TLSKey        string `json:"tlsKey" env:"CUBE_TLS_KEY" default:""`
+	// DatabaseURL selects the store: empty = SQLite in DataDir;
+	// postgres://... = PostgreSQL.
+	DatabaseURL string `json:"databaseURL" env:"CUBE_DATABASE_URL" default:""`
+
+	// Node settings.
+	Runtime        string        `json:"runtime" env:"CUBE_RUNTIME" default:"auto"` // auto | microvm | gvisor
+	MaxSandboxes   int           `json:"maxSandboxes" env:"CUBE_MAX_SANDBOXES" default:"64"`
+	WarmPoolSize   int           `json:"warmPoolSize" env:"CUBE_WARM_POOL_SIZE" default:"2"`
+	SlotPoolSize   int           `json:"slotPoolSize" env:"CUBE_SLOT_POOL_SIZE" default:"4"`
+	SlotHostRange  string        `json:"slotHostRange" env:"CUBE_SLOT_HOST_RANGE" default:"10.213.0.0/16"`
+	DefaultTimeout time.Duration `json:"defaultTimeout" env:"CUBE_DEFAULT_TIMEOUT" default:"300s"`
+	RunscPath      string        `json:"runscPath" env:"CUBE_RUNSC" default:""`
+	AgentPath      string        `json:"agentPath" env:"CUBE_AGENT" default:""`
+	KernelPath     string        `json:"kernelPath" env:"CUBE_KERNEL" default:""`
+	DebianMirror   string        `json:"debianMirror" env:"CUBE_DEBIAN_MIRROR" default:""`
+}
+
+// Default returns a Config with every default applied.
+func Default() Config {
+	var c Config
+	if err := applyTags(&c, func(f reflect.StructField) (string, bool) {
+		v, ok := f.Tag.Lookup("default")
+		return v, ok
+	}); err != nil {
+		panic(err) // defaults are constants: a bad one is a bug
+	}
+	return c
+}
+
+// Load returns the defaults, overridden by the JSON file at path (if path
+// is non-empty) and then by CUBE_* environment variables.
+func Load(path string) (Config, error) {
+	c := Default()
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return c, errs.Wrap(errs.InvalidArgument, err, "read config file %s", path)
+		}
+		dec := json.NewDecoder(strings.NewReader(string(b)))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&c); err != nil {
+			return c, errs.Wrap(errs.InvalidArgument, err, "parse config file %s", path)
+		}
+	}
+	err := applyTags(&c, func(f reflect.StructField) (string, bool) {
+		name := f.Tag.Get("env")
+		if name == "" {
+			return "", false
+		}
+		return os.LookupEnv(name)
+	})
+	return c, err
+}
+
+func applyTags(c *Config, get func(reflect.StructField) (string, bool)) error {
+	v := reflect.ValueOf(c).Elem()
+	t := v.Type()
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		s, ok := get(f)
+		if !ok {
+			continue
+		}
+		fv := v.Field(i)
+		switch fv.Interface().(type) {
+		case string:
+			fv.SetString(s)
+		case int:
+			n, err := strconv.Atoi(s)
+			if err != nil {
+				return errs.E(errs.InvalidArgument, "config %s: %q is not a whole number", f.Name, s)
+			}
+			fv.SetInt(int64(n))
+		case time.Duration:
+			d, err := time.ParseDuration(s)
+			if err != nil {
+				return errs.E(errs.InvalidArgument, "config %s: %q is not a duration", f.Name, s)
+			}
+			fv.SetInt(int64(d))
+		case bool:
+			b, err := strconv.ParseBool(s)
+			if err != nil {
+				return errs.E(errs.InvalidArgument, "config %s: %q is not a boolean", f.Name, s)
+			}
+			fv.SetBool(b)
+		default:
+			return fmt.Errorf("config: unsupported field type %s", fv.Type())
+		}
+	}
+	return nil
+}

@@ -1,0 +1,145 @@
+// Package runtime defines the node-side sandbox runtime interface. Two
+// implementations exist behind it: "microvm" (internal/runtime/microvm, one
+// cube VMM process per sandbox on KVM) and "gvisor" (internal/runtime/gvisor,
+// runsc per sandbox). Both must pass internal/runtime/conformance.
+//
+// Contract for every implementation:
+//   - Methods are safe for concurrent use; operations on one sandbox are
+//     serialised by the implementation.
+//   - Destroy is idempotent and works on running and paused sandboxes; it
+//     leaves nothing behind (processes, mounts, files, cgroups).
+//   - Errors carry an errs.Kind: NotFound for unknown ids, Conflict for an
+//     operation in the wrong state, InvalidArgument for bad specs.
+//   - State survives a restart of the cube process: List reports sandboxes
+//     that are still running or paused, and the runtime re-adopts them.
+package runtime
+
+import (
+	"context"
+	"net"
+	"time"
+)
+
+// State is a sandbox's runtime state.
+type State string
+
+const (
+	StateRunning State = "running"
+	StatePaused  State = "paused"
+	StateStopped State = "stopped"
+)
+
+// NetSlot is the network a sandbox runs in, handed out by internal/network.
+// A zero NetSlot means "a private network namespace with loopback only".
+type NetSlot struct {
+	ID        string // slot id
+	NetnsPath string // /run/netns/<name> the sandbox joins
+	Tap       string // tap device inside the netns (microvm runtime)
+	GuestIP   string // address the sandbox uses (same in every slot)
+	GatewayIP string // its gateway
+	PrefixLen int
+	GuestMAC  string
+	HostIP    string // unique host-side address of this slot
+}
+
+// Resources are the sandbox's limits.
+type Resources struct {
+	CPUCount int // vCPUs / CPU quota in cores
+	MemoryMB int
+	DiskMB   int // writable layer size
+}
+
+// CreateSpec describes a sandbox to create.
+type CreateSpec struct {
+	ID          string // sandbox id, chosen by the caller
+	TemplateID  string // template to restore from
+	SnapshotID  string // if set, restore this snapshot (fork) instead of the template's
+	Resources   Resources
+	Env         map[string]string // environment for the agent (/init)
+	AccessToken string            // envd access token ("" = none)
+	Net         NetSlot
+	Labels      map[string]string
+}
+
+// Info describes a sandbox known to a runtime.
+type Info struct {
+	ID         string
+	TemplateID string
+	State      State
+	StartedAt  time.Time
+	Net        NetSlot
+	Resources  Resources
+	Labels     map[string]string
+}
+
+// Stats is a point-in-time usage sample.
+type Stats struct {
+	Timestamp  time.Time
+	CPUCount   int
+	CPUUsedPct float64
+	MemUsed    uint64 // bytes
+	MemTotal   uint64
+	DiskUsed   uint64
+	DiskTotal  uint64
+}
+
+// Snapshot identifies a snapshot taken of a running sandbox (fork).
+type Snapshot struct {
+	ID         string
+	SandboxID  string
+	TemplateID string
+	CreatedAt  time.Time
+	Dir        string // where the runtime keeps it
+}
+
+// Template is what a runtime needs to bake a template snapshot: boot the
+// prepared root filesystem with cube-agent, wait for the probe, snapshot.
+type Template struct {
+	ID        string
+	RootfsDir string // unpacked root filesystem (gvisor)
+	Ext4Image string // ext4 image of the same content (microvm)
+	Resources Resources
+	Env       map[string]string
+	ProbePort int    // default 49983
+	ProbePath string // default /health
+}
+
+// Runtime is the node-side sandbox runtime.
+type Runtime interface {
+	// Name is "microvm" or "gvisor".
+	Name() string
+	// BakeTemplate boots t, waits for its probe and stores its snapshot so
+	// that Create can restore from it. Idempotent per t.ID.
+	BakeTemplate(ctx context.Context, t Template) error
+	// DeleteTemplate removes a baked template snapshot.
+	DeleteTemplate(ctx context.Context, templateID string) error
+	// Create restores a new sandbox from a template (or snapshot).
+	Create(ctx context.Context, spec CreateSpec) (Info, error)
+	// Pause snapshots the sandbox to disk and frees its memory and CPU.
+	Pause(ctx context.Context, id string) error
+	// Resume brings a paused sandbox back with memory and processes intact.
+	// net may differ from the one it was paused on.
+	Resume(ctx context.Context, id string, net NetSlot) (Info, error)
+	// Snapshot takes a snapshot of a running sandbox and lets it continue
+	// (fork). The snapshot can be used as CreateSpec.SnapshotID.
+	Snapshot(ctx context.Context, id, snapshotID string) (Snapshot, error)
+	// DeleteSnapshot removes a snapshot.
+	DeleteSnapshot(ctx context.Context, snapshotID string) error
+	// Destroy stops the sandbox and removes everything it had.
+	Destroy(ctx context.Context, id string) error
+	// Dial connects to a TCP port inside the sandbox.
+	Dial(ctx context.Context, id string, port int) (net.Conn, error)
+	// Stats returns the sandbox's current usage.
+	Stats(ctx context.Context, id string) (Stats, error)
+	// List returns the sandboxes this runtime knows (running and paused).
+	List(ctx context.Context) ([]Info, error)
+	// Close releases the runtime's resources (pools) but leaves sandboxes
+	// running so that a restarted process can re-adopt them.
+	Close() error
+}
+
+// Agent ports inside every sandbox.
+const (
+	EnvdPort            = 49983
+	CodeInterpreterPort = 49999
+)
