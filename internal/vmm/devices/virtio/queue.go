@@ -231,32 +231,11 @@ func (q *Queue) ring(addr, off, n uint64) []byte {
 	return b
 }
 
-// load16 reads a little-endian u16 the guest may be writing concurrently;
-// an aligned 2-byte load is atomic on the hosts we run on.
-func load16(b []byte) uint16 {
-	if len(b) < 2 {
-		return 0
-	}
-	return binary.LittleEndian.Uint16(b)
-}
+func (q *Queue) availIdx() uint16   { return Load16(q.mem, q.Avail+2) }
+func (q *Queue) availFlags() uint16 { return Load16(q.mem, q.Avail) }
+func (q *Queue) usedEvent() uint16  { return Load16(q.mem, q.Avail+4+2*uint64(q.Size)) }
 
-func (q *Queue) availIdx() uint16 {
-	return load16(q.ring(q.Avail, 2, 2))
-}
-
-func (q *Queue) availFlags() uint16 {
-	return load16(q.ring(q.Avail, 0, 2))
-}
-
-func (q *Queue) usedEvent() uint16 {
-	return load16(q.ring(q.Avail, 4+2*uint64(q.Size), 2))
-}
-
-func (q *Queue) setAvailEvent(v uint16) {
-	if b := q.ring(q.Used, 4+8*uint64(q.Size), 2); b != nil {
-		binary.LittleEndian.PutUint16(b, v)
-	}
-}
+func (q *Queue) setAvailEvent(v uint16) { Store16(q.mem, q.Used+4+8*uint64(q.Size), v) }
 
 // pending reports whether the driver has made chains available. Called
 // with mu held; a bogus index marks the queue broken.
@@ -289,7 +268,7 @@ func (q *Queue) pop() (*Chain, error) {
 	}
 	barrier()
 	slot := uint64(q.LastAvail % q.Size)
-	head := load16(q.ring(q.Avail, 4+2*slot, 2))
+	head := Load16(q.mem, q.Avail+4+2*slot)
 	q.LastAvail++
 	c, err := q.walk(head)
 	if err != nil {
@@ -411,11 +390,7 @@ func (q *Queue) pushLocked(head uint16, written uint32) {
 		binary.LittleEndian.PutUint32(e[4:], written)
 	}
 	q.NextUsed++
-	barrier()
-	if b := q.ring(q.Used, 2, 2); b != nil {
-		binary.LittleEndian.PutUint16(b, q.NextUsed)
-	}
-	barrier()
+	Store16(q.mem, q.Used+2, q.NextUsed)
 }
 
 // needInterrupt decides whether the driver wants an interrupt for the
@@ -498,4 +473,25 @@ func (q *Queue) Drain(h Handler) (served int, err error) {
 		q.signal(q)
 	}
 	return served, err
+}
+
+// Put returns a chain to the driver without raising the interrupt; call
+// Interrupt after a batch.
+func (q *Queue) Put(c *Chain, written uint32) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.Ready {
+		q.pushLocked(c.Head, written)
+	}
+}
+
+// Interrupt raises the used-buffer interrupt if the driver wants one for
+// the chains returned since the last interrupt.
+func (q *Queue) Interrupt() {
+	q.mu.Lock()
+	need := q.Ready && q.needInterrupt()
+	q.mu.Unlock()
+	if need {
+		q.signal(q)
+	}
 }

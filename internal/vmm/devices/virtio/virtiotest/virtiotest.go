@@ -343,24 +343,24 @@ func (q *Queue) AddRaw(head uint16, descs [][5]uint64) {
 func (q *Queue) publish(head uint16, ids []uint16) {
 	q.heads[head] = ids
 	slot := q.avail + 4 + 2*uint64(q.availIdx%q.size)
-	binary.LittleEndian.PutUint16(q.d.Mem.B[slot:], head)
+	virtio.Store16(q.d.Mem, slot, head)
 	q.availIdx++
-	binary.LittleEndian.PutUint16(q.d.Mem.B[q.avail+2:], q.availIdx)
+	virtio.Store16(q.d.Mem, q.avail+2, q.availIdx)
 }
 
 // SetAvailIdx overwrites the avail index (for hostile-driver tests).
 func (q *Queue) SetAvailIdx(v uint16) {
-	binary.LittleEndian.PutUint16(q.d.Mem.B[q.avail+2:], v)
+	virtio.Store16(q.d.Mem, q.avail+2, v)
 }
 
 // SetUsedEvent writes used_event (EVENT_IDX).
 func (q *Queue) SetUsedEvent(v uint16) {
-	binary.LittleEndian.PutUint16(q.d.Mem.B[q.avail+4+2*uint64(q.size):], v)
+	virtio.Store16(q.d.Mem, q.avail+4+2*uint64(q.size), v)
 }
 
 // AvailEvent reads avail_event (EVENT_IDX).
 func (q *Queue) AvailEvent() uint16 {
-	return binary.LittleEndian.Uint16(q.d.Mem.B[q.used+4+8*uint64(q.size):])
+	return virtio.Load16(q.d.Mem, q.used+4+8*uint64(q.size))
 }
 
 // SetNoInterrupt sets or clears VIRTQ_AVAIL_F_NO_INTERRUPT.
@@ -369,7 +369,7 @@ func (q *Queue) SetNoInterrupt(on bool) {
 	if on {
 		v = 1
 	}
-	binary.LittleEndian.PutUint16(q.d.Mem.B[q.avail:], v)
+	virtio.Store16(q.d.Mem, q.avail, v)
 }
 
 // Kick notifies the device of this queue through the QueueNotify register.
@@ -400,7 +400,7 @@ func (u Used) Data() []byte {
 
 // UsedIdx reads the device's used index.
 func (q *Queue) UsedIdx() uint16 {
-	return binary.LittleEndian.Uint16(q.d.Mem.B[q.used+2:])
+	return virtio.Load16(q.d.Mem, q.used+2)
 }
 
 // Collect returns the chains the device has used since the last call and
