@@ -269,6 +269,11 @@ func (q *Queue) pop() (*Chain, error) {
 	barrier()
 	slot := uint64(q.LastAvail % q.Size)
 	head := Load16(q.mem, q.Avail+4+2*slot)
+	if head >= q.Size {
+		// There is no descriptor to give back: the ring is unusable.
+		q.broken = true
+		return nil, ErrQueueBroken
+	}
 	q.LastAvail++
 	c, err := q.walk(head)
 	if err != nil {
