@@ -52,6 +52,9 @@ func (i *IRQ) Trigger() error {
 	return nil
 }
 
+// C receives a token after triggers (coalesced), to wait for interrupts.
+func (i *IRQ) C() <-chan struct{} { return i.ch }
+
 // Count is the number of triggers so far.
 func (i *IRQ) Count() int64 { return i.n.Load() }
 
