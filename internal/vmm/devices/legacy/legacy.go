@@ -5,6 +5,7 @@
 package legacy
 
 import (
+	"fmt"
 	"sync"
 	"time"
 )
@@ -103,3 +104,25 @@ func (Sink) PIORead(port uint16, data []byte) {
 
 // PIOWrite ignores the write.
 func (Sink) PIOWrite(port uint16, data []byte) {}
+
+// SaveState encodes the index register and NVRAM (the clock follows the
+// host).
+func (c *CMOS) SaveState() ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b := make([]byte, 0, 2+len(c.nvram))
+	b = append(b, 1, c.index)
+	return append(b, c.nvram[:]...), nil
+}
+
+// RestoreState restores SaveState's output; bad input changes nothing.
+func (c *CMOS) RestoreState(b []byte) error {
+	if len(b) != 2+len(c.nvram) || b[0] != 1 {
+		return fmt.Errorf("cmos state: bad length or version")
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.index = b[1] & 0x7f
+	copy(c.nvram[:], b[2:])
+	return nil
+}
