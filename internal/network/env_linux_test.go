@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/net/dns/dnsmessage"
+	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/runtime"
 )
@@ -37,10 +38,11 @@ type testEnv struct {
 	inetHost   netip.Addr // host side of the internet veth
 	inetA      netip.Addr // web + dns server
 	inetB      netip.Addr // second address (domain tests)
-	udpSeen    chan netip.Addr
+	udpSeen    chan string
 	closers    []func()
 	nsRange    netip.Prefix
 	tapRange   netip.Prefix
+	staleRange netip.Prefix
 	hostListen net.Listener // a "host service" on all addresses
 }
 
@@ -78,11 +80,12 @@ func testLogger() *slog.Logger {
 
 func setupEnv() (*testEnv, error) {
 	pid := os.Getpid()
-	e := &testEnv{prefix: "ct" + strconv.FormatInt(int64(pid), 36), udpSeen: make(chan netip.Addr, 64)}
+	e := &testEnv{prefix: "ct" + strconv.FormatInt(int64(pid), 36), udpSeen: make(chan string, 256)}
 	third := (pid % 64) * 4
 	second := 200 + (pid/64)%50
-	e.nsRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/23", second, third))
-	e.tapRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/23", second, third+2))
+	e.nsRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third))
+	e.tapRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+1))
+	e.staleRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+2))
 	o := pid % 250
 	e.inetHost = netip.MustParseAddr(fmt.Sprintf("198.18.%d.1", o))
 	e.inetA = netip.MustParseAddr(fmt.Sprintf("198.18.%d.2", o))
@@ -216,12 +219,12 @@ func (e *testEnv) setupInternet() error {
 		go func() {
 			buf := make([]byte, 2048)
 			for {
-				_, from, err := sink.ReadFromUDPAddrPort(buf)
+				n, _, err := sink.ReadFromUDPAddrPort(buf)
 				if err != nil {
 					return
 				}
 				select {
-				case e.udpSeen <- from.Addr():
+				case e.udpSeen <- string(buf[:n]):
 				default:
 				}
 			}
@@ -352,4 +355,41 @@ func acquire(t testing.TB, m *Manager) runtime.NetSlot {
 	}
 	t.Cleanup(func() { _ = m.Release(context.Background(), s.ID) })
 	return s
+}
+
+func openPacketSocket(t testing.TB, ns netns.NsHandle, ifname string) *packetSocket {
+	t.Helper()
+	var p packetSocket
+	err := inNS(ns, func() error {
+		l, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(unix.ETH_P_ALL)))
+		if err != nil {
+			return err
+		}
+		p = packetSocket{fd: fd, idx: l.Index}
+		return unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: l.Index})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.close)
+	return &p
+}
+
+// expectUDP waits for msg at the internet's UDP sink.
+func (e *testEnv) expectUDP(msg string, timeout time.Duration) bool {
+	deadline := time.After(timeout)
+	for {
+		select {
+		case got := <-e.udpSeen:
+			if got == msg {
+				return true
+			}
+		case <-deadline:
+			return false
+		}
+	}
 }

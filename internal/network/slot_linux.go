@@ -336,7 +336,6 @@ func OpenTap(slot runtime.NetSlot, vnetHdr bool) (*os.File, error) {
 	return f, err
 }
 
-
 // destroyKernel removes everything slot s has in the kernel. Idempotent.
 func (m *Manager) destroyKernel(s *slot) {
 	if s.dns != nil {
