@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -333,7 +334,28 @@ func OpenTap(slot runtime.NetSlot, vnetHdr bool) (*os.File, error) {
 		f = os.NewFile(uintptr(fd), "/dev/net/tun:"+slot.Tap)
 		return nil
 	})
-	return f, err
+	if err != nil {
+		return nil, err
+	}
+	// Attaching turns the carrier on; the kernel activates the device's
+	// queue asynchronously (link watch) and drops what the router sends
+	// until then. Wait for it so that the first guest packet gets an answer.
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	defer h.Close()
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(time.Millisecond) {
+		l, err := h.LinkByName(slot.Tap)
+		if err == nil && l.Attrs().OperState == netlink.OperUp {
+			break
+		}
+		if time.Now().After(deadline) {
+			break // usable anyway; the first packets may be lost
+		}
+	}
+	return f, nil
 }
 
 // destroyKernel removes everything slot s has in the kernel. Idempotent.
