@@ -120,16 +120,10 @@ func (d *dnsForwarder) serve() {
 
 // handle returns the response to send to the guest (nil = none).
 func (d *dnsForwarder) handle(q []byte) []byte {
-	var p dnsmessage.Parser
-	hdr, err := p.Start(q)
-	if err != nil || hdr.Response {
-		return nil
+	hdr, qs, name, resp := parseQuery(q)
+	if resp != nil || name == "" {
+		return resp
 	}
-	qs, err := p.AllQuestions()
-	if err != nil || len(qs) != 1 {
-		return refuse(hdr, qs, dnsmessage.RCodeFormatError)
-	}
-	name := strings.TrimSuffix(strings.ToLower(qs[0].Name.String()), ".")
 	d.mu.Lock()
 	allowed := matchDomain(d.domains, name)
 	denyAll := d.denyAll
@@ -160,6 +154,25 @@ func (d *dnsForwarder) handle(q []byte) []byte {
 		}
 	}
 	return resp
+}
+
+// parseQuery parses a guest's query. It returns the query name, or a
+// response to send at once (FORMERR), or neither (drop).
+func parseQuery(q []byte) (dnsmessage.Header, []dnsmessage.Question, string, []byte) {
+	var p dnsmessage.Parser
+	hdr, err := p.Start(q)
+	if err != nil || hdr.Response {
+		return hdr, nil, "", nil
+	}
+	qs, err := p.AllQuestions()
+	if err != nil || len(qs) != 1 {
+		return hdr, nil, "", refuse(hdr, nil, dnsmessage.RCodeFormatError)
+	}
+	name := strings.TrimSuffix(strings.ToLower(qs[0].Name.String()), ".")
+	if name == "" {
+		return hdr, qs, "", refuse(hdr, qs, dnsmessage.RCodeRefused)
+	}
+	return hdr, qs, name, nil
 }
 
 func (d *dnsForwarder) exchange(q []byte) ([]byte, error) {

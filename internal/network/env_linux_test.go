@@ -67,6 +67,9 @@ func TestMain(m *testing.M) {
 	env = e
 	code := m.Run()
 	e.teardown()
+	if leftoverFail && code == 0 {
+		code = 1
+	}
 	os.Exit(code)
 }
 
@@ -144,7 +147,13 @@ func (e *testEnv) teardown() {
 		e.inetNS.Close()
 	}
 	_ = deleteNamedNS(e.inetName)
+	if left := leftovers(e.prefix); len(left) > 0 {
+		fmt.Fprintln(os.Stderr, "test left behind:", left)
+		leftoverFail = true
+	}
 }
+
+var leftoverFail bool
 
 // setupInternet builds the test internet: namespace <prefix>inet with
 // eth0 = inetA, inetB; host side inetHost/24. It serves HTTP on :80, a TCP
