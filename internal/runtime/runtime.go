@@ -109,6 +109,9 @@ type Template struct {
 	// ExtraProbes are further HTTP ports that must answer 2xx on /health
 	// before the snapshot is taken (49999 for code-interpreter).
 	ExtraProbes []int
+	// Progress, if set, is told the bake's steps: "booting", "probing",
+	// "snapshotting".
+	Progress func(step string) `json:"-"`
 }
 
 // DefaultAgentPath is where templates carry cube-agent.

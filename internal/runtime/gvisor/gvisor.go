@@ -297,6 +297,10 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	if probePath == "" {
 		probePath = "/health"
 	}
+	step := t.Progress
+	if step == nil {
+		step = func(string) {}
+	}
 	tdir := r.templateDir(t.ID)
 	os.RemoveAll(tdir)
 	work := filepath.Join(tdir, "bake")
@@ -320,6 +324,7 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 		return fail(errs.Wrap(errs.Internal, err, "template %s: bundle", t.ID))
 	}
 	logPath := filepath.Join(work, "console.log")
+	step("booting")
 	if err := r.runsc.start(ctx, res.DiskMB, logPath, "run", "--detach", "--bundle", filepath.Join(work, "bundle"), cid); err != nil {
 		return fail(errs.Wrap(errs.Internal, err, "template %s: boot", t.ID))
 	}
@@ -334,15 +339,21 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	dial := func(ctx context.Context, port int) (net.Conn, error) {
 		return dialInNetns(ctx, nsPath, net.JoinHostPort(plainGuestIP, strconv.Itoa(port)))
 	}
-	probes := append([][2]any{{probePort, probePath}}, nil...)
+	step("probing")
+	type probe struct {
+		port int
+		path string
+	}
+	probes := []probe{{probePort, probePath}}
 	for _, p := range t.ExtraProbes {
-		probes = append(probes, [2]any{p, "/health"})
+		probes = append(probes, probe{p, "/health"})
 	}
 	for _, p := range probes {
-		if err := r.probe(pctx, cid, logPath, dial, p[0].(int), p[1].(string)); err != nil {
-			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p[0], p[1]))
+		if err := r.probe(pctx, cid, logPath, dial, p.port, p.path); err != nil {
+			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p.port, p.path))
 		}
 	}
+	step("snapshotting")
 	img := filepath.Join(tdir, "image")
 	if _, err := r.runsc.run(ctx, res.DiskMB, "checkpoint", "--image-path", img, cid); err != nil {
 		return fail(errs.Wrap(errs.Internal, err, "template %s: checkpoint", t.ID))
