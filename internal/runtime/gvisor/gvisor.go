@@ -20,6 +20,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -237,12 +238,12 @@ func (r *Runtime) adopt(ctx context.Context) {
 			r.runsc.destroy(ctx, cid)
 		}
 	}
-	for _, ns := range listOwnNetns() {
+	for _, ns := range r.ownNetns() {
 		if !ownNS[ns] {
 			deleteNetns(ns)
 		}
 	}
-	for _, cid := range listCgroups() {
+	for _, cid := range r.ownCgroups() {
 		if !known[cid] {
 			removeCgroups(cid)
 		}
@@ -308,7 +309,7 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 		return errs.Wrap(errs.Internal, err, "template dir")
 	}
 	bp := bundleParams{RootfsDir: t.RootfsDir, Cmd: cmd, Env: t.Env, Workdir: t.Workdir}
-	cid := newCID()
+	cid := r.newCID()
 	nsName := netnsPrefix + cid
 	fail := func(err error) error {
 		r.runsc.destroy(context.WithoutCancel(ctx), cid)
@@ -431,10 +432,38 @@ func (r *Runtime) DeleteTemplate(ctx context.Context, templateID string) error {
 
 // ---- sandboxes
 
-func newCID() string {
-	var b [8]byte
+// newCID returns a fresh runsc container id. Ids carry a tag derived from
+// the state dir, so that two runtimes on one host (a server and a test)
+// never take each other's namespaces or cgroups for orphans.
+func (r *Runtime) newCID() string {
+	var b [6]byte
 	rand.Read(b[:])
-	return "gv-" + hex.EncodeToString(b[:])
+	return r.cidPrefix() + hex.EncodeToString(b[:])
+}
+
+func (r *Runtime) cidPrefix() string {
+	h := sha256.Sum256([]byte(r.dir))
+	return "gv-" + hex.EncodeToString(h[:3]) + "-"
+}
+
+func (r *Runtime) ownCgroups() []string {
+	var out []string
+	for _, c := range listCgroups() {
+		if strings.HasPrefix(c, r.cidPrefix()) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (r *Runtime) ownNetns() []string {
+	var out []string
+	for _, n := range listOwnNetns() {
+		if strings.HasPrefix(n, netnsPrefix+r.cidPrefix()) {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 func (r *Runtime) get(id string) (*sandbox, error) {
@@ -581,7 +610,7 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	}
 	if !fromPool {
 		var err error
-		m, err = r.restore(ctx, s.dir, src, newCID(), spec.Net, res)
+		m, err = r.restore(ctx, s.dir, src, r.newCID(), spec.Net, res)
 		if err != nil {
 			return fail(errs.Wrap(errs.KindOf(err), err, "create sandbox %s", spec.ID))
 		}
@@ -702,7 +731,7 @@ func (r *Runtime) Resume(ctx context.Context, id string, netSlot runtime.NetSlot
 	}
 	src := s.meta.Source
 	src.Image = filepath.Join(s.dir, "ckpt")
-	m, err := r.restore(ctx, s.dir, src, newCID(), netSlot, s.meta.Resources)
+	m, err := r.restore(ctx, s.dir, src, r.newCID(), netSlot, s.meta.Resources)
 	if err != nil {
 		return runtime.Info{}, errs.Wrap(errs.KindOf(err), err, "resume sandbox %s", id)
 	}
@@ -955,3 +984,61 @@ func writeJSON(path string, v any) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// Leaks lists host resources under this runtime's name that no sandbox,
+// warm-pool entry or bake owns: runsc containers, runsc processes,
+// network namespaces, cgroups. Tests assert it is empty after failures.
+func (r *Runtime) Leaks() []string {
+	owned := map[string]bool{}
+	ownedNS := map[string]bool{}
+	r.mu.Lock()
+	for _, s := range r.sandboxes {
+		owned[s.meta.CID] = true
+		ownedNS[s.meta.OwnNetns] = true
+	}
+	r.mu.Unlock()
+	r.pool.mu.Lock()
+	for _, l := range r.pool.ready {
+		for _, m := range l {
+			owned[m.CID] = true
+			ownedNS[m.OwnNetns] = true
+		}
+	}
+	r.pool.mu.Unlock()
+	var out []string
+	for _, cid := range r.runsc.list(context.Background()) {
+		if !owned[cid] {
+			out = append(out, "runsc container "+cid)
+		}
+	}
+	for _, ns := range r.ownNetns() {
+		if !ownedNS[ns] {
+			out = append(out, "netns "+ns)
+		}
+	}
+	for _, cid := range r.ownCgroups() {
+		if !owned[cid] {
+			out = append(out, "cgroup "+cid)
+		}
+	}
+	ents, _ := os.ReadDir("/proc")
+	rootArg := []byte("--root=" + r.runsc.root + "\x00")
+	for _, e := range ents {
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || !bytesContains(b, rootArg) {
+			continue
+		}
+		mine := false
+		for cid := range owned {
+			if cid != "" && bytesContains(b, []byte(cid)) {
+				mine = true
+			}
+		}
+		if !mine {
+			out = append(out, "process "+e.Name()+": "+strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	return out
+}
+
+func bytesContains(b, sub []byte) bool { return strings.Contains(string(b), string(sub)) }

@@ -129,7 +129,7 @@ func (p *pool) fillOne() bool {
 		p.mu.Unlock()
 		return true
 	}
-	cid := newCID()
+	cid := p.r.newCID()
 	d := p.dir(cid)
 	if err := os.MkdirAll(d, 0o700); err != nil {
 		return false
