@@ -3,6 +3,8 @@
 package network
 
 import (
+	"encoding/binary"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -24,6 +26,7 @@ import (
 type dnsForwarder struct {
 	s        *slot
 	conn     *net.UDPConn
+	tcp      net.Listener
 	upstream string
 	log      *slog.Logger
 	sem      chan struct{}
@@ -60,17 +63,83 @@ func startDNS(s *slot, upstream string, log *slog.Logger) (*dnsForwarder, error)
 	d.setPolicy(s.comp)
 	err := inNS(s.ns, func() error {
 		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: GatewayIP.AsSlice(), Port: 53})
+		if err != nil {
+			return err
+		}
 		d.conn = c
-		return err
+		l, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: GatewayIP.AsSlice(), Port: 53})
+		if err != nil {
+			c.Close()
+			return err
+		}
+		d.tcp = l
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	go d.serve()
+	go d.serveTCP()
 	return d, nil
 }
 
-func (d *dnsForwarder) close() { d.conn.Close() }
+func (d *dnsForwarder) close() {
+	d.conn.Close()
+	d.tcp.Close()
+}
+
+// serveTCP serves DNS over TCP (RFC 7766 framing), one query at a time per
+// connection, forwarded over TCP.
+func (d *dnsForwarder) serveTCP() {
+	for {
+		c, err := d.tcp.Accept()
+		if err != nil {
+			return
+		}
+		select {
+		case d.sem <- struct{}{}:
+		default:
+			c.Close()
+			continue
+		}
+		go func() {
+			defer func() { <-d.sem }()
+			defer c.Close()
+			for {
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				q, err := readTCPMsg(c)
+				if err != nil {
+					return
+				}
+				resp := d.handle(q, true)
+				if resp == nil {
+					return
+				}
+				if err := writeTCPMsg(c, resp); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+func readTCPMsg(r io.Reader) ([]byte, error) {
+	var l [2]byte
+	if _, err := io.ReadFull(r, l[:]); err != nil {
+		return nil, err
+	}
+	b := make([]byte, binary.BigEndian.Uint16(l[:]))
+	_, err := io.ReadFull(r, b)
+	return b, err
+}
+
+func writeTCPMsg(w io.Writer, m []byte) error {
+	b := make([]byte, 2+len(m))
+	binary.BigEndian.PutUint16(b, uint16(len(m)))
+	copy(b[2:], m)
+	_, err := w.Write(b)
+	return err
+}
 
 // setPolicy installs new patterns and returns the learned addresses that
 // still match them (to be re-added to the fresh set).
@@ -111,7 +180,7 @@ func (d *dnsForwarder) serve() {
 		}
 		go func() {
 			defer func() { <-d.sem }()
-			if resp := d.handle(q); resp != nil {
+			if resp := d.handle(q, false); resp != nil {
 				_, _ = d.conn.WriteToUDPAddrPort(resp, from)
 			}
 		}()
@@ -119,7 +188,7 @@ func (d *dnsForwarder) serve() {
 }
 
 // handle returns the response to send to the guest (nil = none).
-func (d *dnsForwarder) handle(q []byte) []byte {
+func (d *dnsForwarder) handle(q []byte, tcp bool) []byte {
 	hdr, qs, name, resp := parseQuery(q)
 	if resp != nil || name == "" {
 		return resp
@@ -131,7 +200,7 @@ func (d *dnsForwarder) handle(q []byte) []byte {
 	if denyAll && !allowed {
 		return refuse(hdr, qs, dnsmessage.RCodeRefused)
 	}
-	resp, err := d.exchange(q)
+	resp, err := d.exchange(q, tcp)
 	if err != nil {
 		return refuse(hdr, qs, dnsmessage.RCodeServerFailure)
 	}
@@ -175,13 +244,23 @@ func parseQuery(q []byte) (dnsmessage.Header, []dnsmessage.Question, string, []b
 	return hdr, qs, name, nil
 }
 
-func (d *dnsForwarder) exchange(q []byte) ([]byte, error) {
-	c, err := net.DialTimeout("udp", d.upstream, 2*time.Second)
+func (d *dnsForwarder) exchange(q []byte, tcp bool) ([]byte, error) {
+	network := "udp"
+	if tcp {
+		network = "tcp"
+	}
+	c, err := net.DialTimeout(network, d.upstream, 2*time.Second)
 	if err != nil {
 		return nil, err
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if tcp {
+		if err := writeTCPMsg(c, q); err != nil {
+			return nil, err
+		}
+		return readTCPMsg(c)
+	}
 	if _, err := c.Write(q); err != nil {
 		return nil, err
 	}
