@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
@@ -35,6 +36,9 @@ type Options struct {
 	Mode        Mode
 	ConnRate    int    // new connections per second per slot; 0 = unlimited
 	DNSUpstream string // host:port
+	// AdoptGrace: orphans not adopted this long after start are reaped
+	// (0 = 2 minutes; negative = only by ReapStale).
+	AdoptGrace time.Duration
 }
 
 // Manager owns the slots of one cube process.
@@ -53,6 +57,8 @@ type Manager struct {
 	refill chan struct{}
 	done   chan struct{}
 	wg     sync.WaitGroup
+	lock   *os.File // flock on /run/cube/net-<prefix>.lock: one manager per prefix
+	reaper *time.Timer
 }
 
 var prefixRE = regexp.MustCompile(`^[a-z][a-z0-9]{0,7}$`)
@@ -103,17 +109,60 @@ func NewManagerWith(o Options, log *slog.Logger) (*Manager, error) {
 	}
 	m := &Manager{opts: o, log: log, used: map[int]bool{}, active: map[string]*slot{}, orphans: map[string]int{},
 		refill: make(chan struct{}, 1), done: make(chan struct{})}
+	if err := m.takeLock(); err != nil {
+		return nil, err
+	}
 	if err := m.checkRange(); err != nil {
+		m.releaseLock()
 		return nil, err
 	}
 	if err := m.setupHost(); err != nil {
+		m.releaseLock()
 		return nil, err
 	}
 	m.scanOrphans()
+	if n := len(m.orphans); n > 0 {
+		log.Info("network: slots of a previous run found", "count", n)
+	}
+	grace := o.AdoptGrace
+	if grace == 0 {
+		grace = 2 * time.Minute
+	}
+	if grace > 0 {
+		m.reaper = time.AfterFunc(grace, func() { m.ReapStale() })
+	}
 	m.wg.Add(1)
 	go m.refiller()
 	m.kick()
 	return m, nil
+}
+
+const lockDir = "/run/cube"
+
+// takeLock makes sure no other live process manages the same prefix (two
+// managers would hand out, and reap, each other's slots).
+func (m *Manager) takeLock() error {
+	if err := os.MkdirAll(lockDir, 0o755); err != nil {
+		return errs.Wrap(errs.Internal, err, "create %s", lockDir)
+	}
+	p := filepath.Join(lockDir, "net-"+m.opts.Prefix+".lock")
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "open %s", p)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return errs.E(errs.FailedPrecondition, "network slot prefix %q is in use by another process (%s); set slotPrefix", m.opts.Prefix, p)
+	}
+	m.lock = f
+	return nil
+}
+
+func (m *Manager) releaseLock() {
+	if m.lock != nil {
+		m.lock.Close()
+		m.lock = nil
+	}
 }
 
 // checkRange refuses a host range that overlaps addresses or routes of the
@@ -616,8 +665,10 @@ func (m *Manager) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 	ns, err := s.ns, error(nil)
 	if s.released || ns < 0 {
 		err = errs.E(errs.NotFound, "network slot %q not found", id)
-	} else if ns, err = netns.GetFromPath(fmt.Sprintf("/proc/self/fd/%d", int(s.ns))); err != nil {
-		err = errs.Wrap(errs.Internal, err, "open slot namespace")
+	} else if fd, derr := unix.FcntlInt(uintptr(s.ns), unix.F_DUPFD_CLOEXEC, 0); derr != nil {
+		err = errs.Wrap(errs.Internal, derr, "open slot namespace")
+	} else {
+		ns = netns.NsHandle(fd)
 	}
 	s.mu.Unlock()
 	if err != nil {
@@ -657,6 +708,9 @@ func (m *Manager) Close() error {
 	m.mu.Unlock()
 	close(m.done)
 	m.wg.Wait()
+	if m.reaper != nil {
+		m.reaper.Stop()
+	}
 	for _, s := range pool {
 		m.destroyKernel(s)
 	}
@@ -692,7 +746,12 @@ func (m *Manager) Purge() error {
 		return err
 	}
 	c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: hostTableName(m.opts.Prefix)})
-	if err := c.Flush(); err != nil && !os.IsNotExist(err) {
+	err = c.Flush()
+	if m.lock != nil {
+		_ = os.Remove(m.lock.Name())
+	}
+	m.releaseLock()
+	if err != nil && !os.IsNotExist(err) {
 		return err
 	}
 	return nil
