@@ -141,22 +141,36 @@ func writeTCPMsg(w io.Writer, m []byte) error {
 	return err
 }
 
-// setPolicy installs new patterns and returns the learned addresses that
-// still match them (to be re-added to the fresh set).
-func (d *dnsForwarder) setPolicy(c compiled) []nftables.SetElement {
+// setPolicy installs new patterns (no kernel change: at start).
+func (d *dnsForwarder) setPolicy(c compiled) {
+	d.mu.Lock()
+	d.domains, d.denyAll = c.domains, c.denyAll
+	d.mu.Unlock()
+}
+
+// update runs apply (the nftables transaction that replaces the policy and
+// refills the DNS set with keep, the learned addresses still allowed) and
+// then installs the new patterns, all under the forwarder's lock, so an
+// answer being snooped concurrently is judged entirely by the old or
+// entirely by the new policy.
+func (d *dnsForwarder) update(c compiled, apply func(keep []nftables.SetElement) error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.domains, d.denyAll = c.domains, c.denyAll
 	var keep []nftables.SetElement
 	now := time.Now()
+	still := map[netip.Addr]learned{}
 	for a, l := range d.learned {
-		if l.exp.Before(now) || !matchDomain(d.domains, l.name) {
-			delete(d.learned, a)
-			continue
+		if l.exp.After(now) && matchDomain(c.domains, l.name) {
+			still[a] = l
+			keep = append(keep, nftables.SetElement{Key: ip4(a), Timeout: l.exp.Sub(now).Round(time.Second) + time.Second})
 		}
-		keep = append(keep, nftables.SetElement{Key: ip4(a), Timeout: l.exp.Sub(now).Round(time.Second) + time.Second})
 	}
-	return keep
+	if err := apply(keep); err != nil {
+		return err
+	}
+	d.learned = still
+	d.domains, d.denyAll = c.domains, c.denyAll
+	return nil
 }
 
 func (d *dnsForwarder) reset() {
@@ -207,6 +221,12 @@ func (d *dnsForwarder) handle(q []byte, tcp bool) []byte {
 	if allowed {
 		addrs, ttl := answerA(resp)
 		if len(addrs) > 0 {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if !matchDomain(d.domains, name) {
+				// The policy changed while the query was upstream.
+				return refuse(hdr, qs, dnsmessage.RCodeRefused)
+			}
 			c, err := d.s.nft()
 			if err == nil {
 				err = addDNSAddrs(c, addrs, ttl)
@@ -215,11 +235,9 @@ func (d *dnsForwarder) handle(q []byte, tcp bool) []byte {
 				d.log.Warn("network: dns set", "slot", d.s.id, "err", err)
 				return refuse(hdr, qs, dnsmessage.RCodeServerFailure)
 			}
-			d.mu.Lock()
 			for _, a := range addrs {
 				d.learned[a] = learned{name: name, exp: time.Now().Add(ttl)}
 			}
-			d.mu.Unlock()
 		}
 	}
 	return resp

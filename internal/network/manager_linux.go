@@ -547,19 +547,27 @@ func (m *Manager) SetPolicy(id string, p Policy) error {
 }
 
 func (m *Manager) applyPolicy(s *slot, p Policy, comp compiled) error {
-	var keep []nftables.SetElement
+	apply := func(keep []nftables.SetElement) error {
+		c, err := s.nft()
+		if err != nil {
+			return errs.Wrap(errs.Internal, err, "nftables")
+		}
+		if err := updatePolicySets(c, comp, keep); err != nil {
+			return errs.Wrap(errs.Internal, err, "nftables")
+		}
+		if err := c.Flush(); err != nil {
+			return errs.Wrap(errs.Internal, err, "apply network policy")
+		}
+		return nil
+	}
+	var err error
 	if s.dns != nil {
-		keep = s.dns.setPolicy(comp)
+		err = s.dns.update(comp, apply)
+	} else {
+		err = apply(nil)
 	}
-	c, err := s.nft()
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "nftables")
-	}
-	if err := updatePolicySets(c, comp, keep); err != nil {
-		return errs.Wrap(errs.Internal, err, "nftables")
-	}
-	if err := c.Flush(); err != nil {
-		return errs.Wrap(errs.Internal, err, "apply network policy")
+		return err
 	}
 	s.pol, s.comp = p, comp
 	return nil
