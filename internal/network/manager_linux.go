@@ -584,19 +584,40 @@ func (m *Manager) Policy(id string) (Policy, error) {
 	return s.pol, nil
 }
 
-// Release wipes a slot (default policy, DNS-learned addresses, conntrack,
-// guest-side configuration) and returns it to the pool, or destroys it if
-// the pool is full. Call it after the sandbox using it is gone.
+// Release takes a slot back. It is no longer usable when Release returns
+// (Dial and SetPolicy report NotFound); the wipe (default policy,
+// DNS-learned addresses, conntrack, guest-side configuration) runs in the
+// background, after which the slot returns to the pool, or is destroyed if
+// the pool is full or the wipe failed. Call it after the sandbox is gone.
 func (m *Manager) Release(ctx context.Context, id string) error {
 	m.mu.Lock()
 	s, ok := m.active[id]
 	delete(m.active, id)
+	closed := m.closed
+	if ok && !closed {
+		m.wg.Add(1)
+	}
 	m.mu.Unlock()
 	if !ok {
 		return errs.E(errs.NotFound, "network slot %q not found", id)
 	}
 	s.mu.Lock()
 	s.released = true
+	s.mu.Unlock()
+	if closed {
+		m.destroyKernel(s)
+		m.forget(s)
+		return nil
+	}
+	go func() {
+		defer m.wg.Done()
+		m.recycle(s)
+	}()
+	return nil
+}
+
+func (m *Manager) recycle(s *slot) {
+	s.mu.Lock()
 	err := m.wipe(s)
 	s.mu.Unlock()
 	m.mu.Lock()
@@ -606,15 +627,14 @@ func (m *Manager) Release(ctx context.Context, id string) error {
 		s.mu.Unlock()
 		m.pool = append(m.pool, s)
 		m.mu.Unlock()
-		return nil
+		return
 	}
 	m.mu.Unlock()
 	if err != nil {
-		m.log.Warn("network: wipe failed, destroying slot", "slot", id, "err", err)
+		m.log.Warn("network: wipe failed, destroying slot", "slot", s.id, "err", err)
 	}
 	m.destroyKernel(s)
 	m.forget(s)
-	return nil
 }
 
 func (m *Manager) wipe(s *slot) error {
