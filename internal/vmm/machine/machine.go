@@ -41,6 +41,7 @@ type Spec struct {
 	MemMode      vm.MemoryMode
 	MemFile      string
 	KVMPath      string
+	KVMFD        int
 	Serial       io.Writer // guest console output (nil: discarded)
 	Virtio       []VirtioDevice
 	Log          *slog.Logger
@@ -78,7 +79,7 @@ func New(s Spec) (_ *Machine, err error) {
 	if s.Log == nil {
 		s.Log = slog.New(slog.DiscardHandler)
 	}
-	v, err := vm.New(vm.Config{MemSize: s.MemSize, VCPUs: s.VCPUs, MemMode: s.MemMode, MemFile: s.MemFile, KVMPath: s.KVMPath, Log: s.Log})
+	v, err := vm.New(vm.Config{MemSize: s.MemSize, VCPUs: s.VCPUs, MemMode: s.MemMode, MemFile: s.MemFile, KVMPath: s.KVMPath, KVMFD: s.KVMFD, Log: s.Log})
 	if err != nil {
 		return nil, err
 	}
