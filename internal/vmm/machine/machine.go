@@ -28,6 +28,9 @@ import (
 type VirtioDevice struct {
 	Name  string
 	Build func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error)
+	// Close releases the device's back-end (disk files, tap, sockets)
+	// when the VM is closed. Optional.
+	Close func() error
 }
 
 // Spec describes a microVM.
@@ -132,7 +135,9 @@ func New(s Spec) (_ *Machine, err error) {
 			return nil, err
 		}
 		v.AddDevice(d.Name, dev)
-		if c, ok := dev.(io.Closer); ok {
+		if d.Close != nil {
+			v.OnClose(d.Close)
+		} else if c, ok := dev.(io.Closer); ok {
 			v.OnClose(c.Close)
 		}
 		m.Slots = append(m.Slots, Slot{Name: d.Name, Base: base, IRQ: virtioIRQs[i], Dev: dev})

@@ -76,23 +76,33 @@ func Limits(o Options) jail.Limits {
 }
 
 // OpenTap opens the tap interface name (IFF_TAP | IFF_NO_PI |
-// IFF_VNET_HDR) and returns its fd.
+// IFF_VNET_HDR) as a file.
 func OpenTap(name string) (*os.File, error) {
-	if len(name) >= unix.IFNAMSIZ {
-		return nil, fmt.Errorf("tap name %q too long", name)
+	fd, err := OpenTapFD(name)
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), "tap:"+name), nil
+}
+
+// OpenTapFD opens the tap interface name (IFF_TAP | IFF_NO_PI |
+// IFF_VNET_HDR) and returns the raw fd (close-on-exec).
+func OpenTapFD(name string) (int, error) {
+	if name == "" || len(name) >= unix.IFNAMSIZ {
+		return -1, fmt.Errorf("tap name %q: empty or too long", name)
 	}
 	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open /dev/net/tun: %w", err)
+		return -1, fmt.Errorf("open /dev/net/tun: %w", err)
 	}
 	var ifr [unix.IFNAMSIZ + 24]byte
 	copy(ifr[:], name)
 	*(*uint16)(unsafe.Pointer(&ifr[unix.IFNAMSIZ])) = unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR
 	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.TUNSETIFF, uintptr(unsafe.Pointer(&ifr[0]))); e != 0 {
 		unix.Close(fd)
-		return nil, fmt.Errorf("TUNSETIFF %s: %w", name, e)
+		return -1, fmt.Errorf("TUNSETIFF %s: %w", name, e)
 	}
-	return os.NewFile(uintptr(fd), "tap:"+name), nil
+	return fd, nil
 }
 
 // Launch starts a VMM process.
