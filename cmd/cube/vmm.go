@@ -209,8 +209,8 @@ func toAPIResult(r vm.Result) *vmmapi.Result {
 
 func (c *vmmController) Status() vmmapi.Status {
 	s := vmmapi.Status{State: c.m.VM.State().String(), PID: os.Getpid(), Cmdline: c.m.Cmdline}
-	if !c.m.VM.Metrics.StartedAt.IsZero() {
-		s.Uptime = time.Since(c.m.VM.Metrics.StartedAt).Seconds()
+	if t := c.m.VM.Metrics.StartedAt(); !t.IsZero() {
+		s.Uptime = time.Since(t).Seconds()
 	}
 	select {
 	case <-c.m.VM.Done():
@@ -224,7 +224,7 @@ func (c *vmmController) Metrics() vmmapi.Metrics {
 	ms := c.m.VM.MetricsSnapshot()
 	out := vmmapi.Metrics{
 		State: ms.State, UptimeSeconds: ms.UptimeSeconds, Exits: ms.Exits, PIOUnhandled: ms.PIOUnhandled,
-		MMIOUnhandled: ms.MMIOUnhandled, Pauses: ms.Pauses, VCPUs: ms.VCPUs, MemBytes: ms.MemBytes,
+		MMIOUnhandled: ms.MMIOUnhandled, Pauses: ms.Pauses, Notifies: ms.Notifies, VCPUs: ms.VCPUs, MemBytes: ms.MemBytes,
 	}
 	if c.statm != nil {
 		var b [128]byte

@@ -19,6 +19,7 @@ import (
 	"github.com/cubesandbox/cube/internal/vmm/devices/i8042"
 	"github.com/cubesandbox/cube/internal/vmm/devices/legacy"
 	"github.com/cubesandbox/cube/internal/vmm/devices/serial"
+	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
 	"github.com/cubesandbox/cube/internal/vmm/vm"
 )
 
@@ -47,7 +48,10 @@ type Spec struct {
 	KVMFD        int
 	Serial       io.Writer // guest console output (nil: discarded)
 	Virtio       []VirtioDevice
-	Log          *slog.Logger
+	// NoIOEventFD serves virtio queue notifications through MMIO exits
+	// instead of ioeventfds.
+	NoIOEventFD bool
+	Log         *slog.Logger
 }
 
 // Slot is where an attached virtio device lives.
@@ -135,6 +139,14 @@ func New(s Spec) (_ *Machine, err error) {
 			return nil, err
 		}
 		v.AddDevice(d.Name, dev)
+		if t, ok := dev.(interface {
+			vm.QueueNotifier
+			Device() virtio.Device
+		}); ok && !s.NoIOEventFD {
+			if err := v.NotifyEventFDs(base+virtio.RegQueueNotify, len(t.Device().QueueSizes()), t); err != nil {
+				return nil, fmt.Errorf("virtio device %s: %w", d.Name, err)
+			}
+		}
 		if d.Close != nil {
 			v.OnClose(d.Close)
 		} else if c, ok := dev.(io.Closer); ok {

@@ -257,7 +257,7 @@ func (v *VM) Start() error {
 		return fmt.Errorf("vm is %s, not created", v.state)
 	}
 	v.state = StateRunning
-	v.Metrics.StartedAt = time.Now()
+	v.Metrics.startedAt.Store(time.Now().UnixNano())
 	v.live = len(v.CPUs)
 	for _, c := range v.CPUs {
 		go c.loop()
