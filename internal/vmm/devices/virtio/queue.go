@@ -543,3 +543,27 @@ func (q *Queue) Interrupt() {
 		q.signal(q)
 	}
 }
+
+// Unpop gives back the last n chains taken with Pop and not yet pushed,
+// in reverse order of popping, as if they had never been taken (the
+// driver still owns them and has not been told anything). Only a device
+// that is the sole consumer of the queue may use it, e.g. to wait for
+// enough buffers for one frame without holding some.
+func (q *Queue) Unpop(n int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n <= 0 || n > q.inflight {
+		return
+	}
+	q.LastAvail -= uint16(n)
+	for i := 0; i < n; i++ {
+		q.done()
+	}
+}
+
+// Len is the queue size the driver chose.
+func (q *Queue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return int(q.Size)
+}
