@@ -30,6 +30,8 @@ type guest struct {
 	path       string
 	rx, tx, ev *vt.Queue
 	backlog    []pkt
+	// fwd is the guest's fwd_cnt per guest port: bytes it consumed.
+	fwd map[uint32]uint32
 }
 
 type pkt struct {
@@ -44,7 +46,7 @@ func newGuest(t testing.TB) *guest {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &guest{t: t, dev: dev, path: path}
+	g := &guest{t: t, dev: dev, path: path, fwd: map[uint32]uint32{}}
 	g.drv = vt.New(func(mem devices.GuestMemory, irq devices.IRQLine) devices.MMIODevice {
 		g.tr = virtio.NewTransport(dev, mem, irq, virtio.Options{})
 		return g.tr
@@ -78,6 +80,9 @@ func encode(h vsock.Hdr) []byte {
 func (g *guest) send(h vsock.Hdr, payload []byte) {
 	g.t.Helper()
 	h.SrcCID, h.DstCID, h.Type, h.Len = guestCID, vsock.HostCID, vsock.TypeStream, uint32(len(payload))
+	if h.FwdCnt == 0 {
+		h.FwdCnt = g.fwd[h.SrcPort] // like a real guest, every packet carries its fwd_cnt
+	}
 	segs := []vt.Seg{vt.R(encode(h))}
 	if len(payload) > 0 {
 		segs = append(segs, vt.R(payload))
@@ -165,6 +170,7 @@ func (g *guest) recvStream(gp, hp uint32, n int, bufAlloc uint32) []byte {
 		}
 		if uint32(len(got))-acked >= bufAlloc/2 {
 			acked = uint32(len(got))
+			g.fwd[gp] = acked
 			g.send(vsock.Hdr{SrcPort: gp, DstPort: hp, Op: vsock.OpCreditUpdate, BufAlloc: bufAlloc, FwdCnt: acked}, nil)
 		}
 	}
