@@ -196,7 +196,9 @@ func NewTransport(dev Device, mem devices.GuestMemory, irq devices.IRQLine, o Op
 		t.offer |= FRingIndirectDesc
 	}
 	for i, max := range dev.QueueSizes() {
-		t.queues = append(t.queues, newQueue(i, max, mem, t.queueSignal))
+		q := newQueue(i, max, mem, t.queueSignal)
+		q.onBroken = t.queueBroken
+		t.queues = append(t.queues, q)
 	}
 	return t
 }
@@ -254,6 +256,16 @@ func (t *Transport) needsReset(why error) {
 	t.raise(IntConfigChange)
 }
 
+// queueBroken flags DEVICE_NEEDS_RESET for a ring found corrupt by a
+// device goroutine (the notify path checks synchronously as well).
+func (t *Transport) queueBroken(*Queue) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.status&StatusDriverOK != 0 && t.status&StatusDeviceNeedsReset == 0 {
+		t.needsReset(ErrQueueBroken)
+	}
+}
+
 // Notify is the QueueNotify entry point: the MMIO handler calls it, and
 // the VM core may call it from an ioeventfd goroutine. It runs the
 // device's handler on the calling goroutine.
@@ -264,11 +276,7 @@ func (t *Transport) Notify(q int) {
 	t.queues[q].poke()
 	t.dev.QueueNotify(q)
 	if t.queues[q].isBroken() {
-		t.mu.Lock()
-		if t.status&StatusDeviceNeedsReset == 0 {
-			t.needsReset(ErrQueueBroken)
-		}
-		t.mu.Unlock()
+		t.queueBroken(t.queues[q])
 	}
 }
 

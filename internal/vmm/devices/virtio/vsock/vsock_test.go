@@ -419,3 +419,21 @@ func TestPauseHoldsDelivery(t *testing.T) {
 		t.Errorf("got %q", p.data)
 	}
 }
+
+func TestCorruptRxRingFlagsNeedsReset(t *testing.T) {
+	g := newGuest(t)
+	// The device finds the corrupt ring while delivering the REQUEST from
+	// its pump goroutine, not on a guest notification.
+	g.rx.SetAvailIdx(g.rx.UsedIdx() + 1000)
+	hostConnect(t, g, 4242)
+	deadline := time.Now().Add(5 * time.Second)
+	for g.tr.Status()&virtio.StatusDeviceNeedsReset == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("corrupt rx ring not flagged (status %#x)", g.tr.Status())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if g.drv.Read32(virtio.RegInterruptStat)&virtio.IntConfigChange == 0 {
+		t.Errorf("no config-change interrupt")
+	}
+}
