@@ -437,3 +437,32 @@ func TestCorruptRxRingFlagsNeedsReset(t *testing.T) {
 		t.Errorf("no config-change interrupt")
 	}
 }
+
+func TestDriverResetClosesConnections(t *testing.T) {
+	g := newGuest(t)
+	const gp = 1300
+	hc, br := hostConnect(t, g, gp)
+	req := g.expect("REQUEST", op(vsock.OpRequest, gp))
+	g.send(vsock.Hdr{SrcPort: gp, DstPort: req.SrcPort, Op: vsock.OpResponse, BufAlloc: 4096}, nil)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	// The driver resets the device mid-connection: the host side closes.
+	g.drv.SetStatus(0)
+	hc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("host conn after reset: %v", err)
+	}
+	// Re-initialised, the device takes new connections.
+	if err := g.drv.Init(^uint64(0), 3, 128); err != nil {
+		t.Fatal(err)
+	}
+	g.rx, g.tx, g.ev = g.drv.Queues[0], g.drv.Queues[1], g.drv.Queues[2]
+	g.backlog = nil
+	for i := 0; i < 8; i++ {
+		g.rx.Add(vt.W(vsock.HdrSize + 4096))
+	}
+	g.rx.Kick()
+	hostConnect(t, g, gp+1)
+	g.expect("REQUEST after reset", op(vsock.OpRequest, gp+1))
+}
