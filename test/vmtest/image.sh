@@ -55,11 +55,14 @@ for f in "${order[@]}"; do
 done
 
 # The guest: kernel and a small root disk (busybox + cube-agent).
-cp "$guest/bzImage" "$guest/vmlinux" "$root/vmtest/guest/"
-"$here/rootfs.sh" "$root/vmtest/cube-agent" "$root/vmtest/guest/rootfs.ext4" >&2
+cp "$guest/bzImage" "$root/vmtest/guest/"
+strip -o "$root/vmtest/guest/vmlinux" "$guest/vmlinux"  # keeps the PVH note
+"$here/rootfs.sh" "$root/vmtest/cube-agent" "$work/rootfs.ext4" >&2
+cp "$work/rootfs.ext4" "$root/vmtest/guest/rootfs.ext4"
 
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible > "$work/l1-initrd.cpio")
 rm -rf "$root"
 echo "L1_KERNEL=$l1/vmlinuz"
 echo "L1_INITRD=$work/l1-initrd.cpio"
 echo "GUEST_KERNEL=$guest"
+echo "GUEST_ROOTFS=$work/rootfs.ext4"
