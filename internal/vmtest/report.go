@@ -66,25 +66,25 @@ func (r *Report) Feed(line string) {
 	if !r.Begun || r.Done {
 		return
 	}
-	// go test -test.v result lines, possibly indented (subtests) and
-	// possibly preceded by kernel noise on the same line.
+	// go test -test.v result lines, indented for subtests. A result line
+	// quoted inside a test's log output ("file.go:12: --- PASS: ...") is
+	// not one.
+	trimmed := strings.TrimLeft(line, " \t")
 	for _, kind := range []string{"--- PASS: ", "--- FAIL: ", "--- SKIP: "} {
-		i := strings.Index(line, kind)
-		if i < 0 {
+		if !strings.HasPrefix(trimmed, kind) {
 			continue
 		}
-		f := strings.Fields(line[i+len(kind):])
+		f := strings.Fields(trimmed[len(kind):])
 		if len(f) == 0 {
 			return
 		}
-		name := f[0]
 		switch kind {
 		case "--- PASS: ":
-			r.Passed = addName(r.Passed, name)
+			r.Passed = addName(r.Passed, f[0])
 		case "--- FAIL: ":
-			r.Failed = addName(r.Failed, name)
+			r.Failed = addName(r.Failed, f[0])
 		default:
-			r.Skipped = addName(r.Skipped, name)
+			r.Skipped = addName(r.Skipped, f[0])
 		}
 		return
 	}

@@ -16,7 +16,11 @@ const goodConsole = `Probing EDD (edd=off to disable)... ok
 === RUN   TestKVMSmoke
 --- PASS: TestKVMSmoke (0.38s)
 === RUN   TestLinuxBoot
-[    9.1] kvm: vcpu0 Unhandled WRMSR(0xc0010007) = 0xffff --- SKIP: TestLinuxBoot (0.00s)
+[    9.1] kvm: vcpu0 Unhandled WRMSR(0xc0010007) = 0xffff
+--- SKIP: TestLinuxBoot (0.00s)
+=== RUN   TestPackagesOnRealKVM
+    pkgs_guest_test.go:40:   | --- FAIL: TestInner (0.00s)
+--- PASS: TestPackagesOnRealKVM (1.00s)
 === RUN   TestAgent
     --- PASS: TestAgent/exec (1.00s)
 --- PASS: TestAgent (2.00s)
@@ -41,7 +45,7 @@ func TestReportPass(t *testing.T) {
 	if got := strings.Join(r.Modules, ","); got != "irqbypass,kvm,kvm-amd" {
 		t.Errorf("modules %s", got)
 	}
-	if got := strings.Join(r.Passed, ","); got != "TestKVMSmoke,TestAgent/exec,TestAgent" {
+	if got := strings.Join(r.Passed, ","); got != "TestKVMSmoke,TestPackagesOnRealKVM,TestAgent/exec,TestAgent" {
 		t.Errorf("passed %s", got)
 	}
 	if got := strings.Join(r.Skipped, ","); got != "TestLinuxBoot" {

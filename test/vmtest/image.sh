@@ -25,6 +25,13 @@ rm -rf "$root" && mkdir -p "$root"/{bin,sbin,lib/modules,vmtest/guest,etc,root}
 (cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube" ./cmd/cube)
 (cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube-agent" ./cmd/cube-agent)
 (cd "$repo" && CGO_ENABLED=0 $GO test -c -tags vmtest -trimpath -o "$root/vmtest/vmtest.test" ./internal/vmtest)
+# The VMM packages' own tests, run again inside L1 on real KVM
+# (TestPackagesOnRealKVM). VMTEST_PKGS overrides the list.
+mkdir -p "$root/vmtest/pkg"
+pkgs=${VMTEST_PKGS:-$(cd "$repo" && $GO list -f '{{if .TestGoFiles}}{{.ImportPath}}{{end}}' ./internal/vmm/... 2>/dev/null || true)}
+for p in $pkgs; do
+  (cd "$repo" && CGO_ENABLED=0 $GO test -c -trimpath -o "$root/vmtest/pkg/$(echo "${p#*/internal/}" | tr / _).test" "$p")
+done
 
 # L1 userland: busybox, the kvm (and tun, for the guests' taps) modules in
 # dependency order, resolved from each module's .modinfo "depends=".
