@@ -7,6 +7,7 @@
 # and, built here every run (seconds): static `cube` and `cube-agent`, the
 # guest-side test binary, the guest root disk and the initramfs.
 set -euo pipefail
+exec 3>&1 1>&2  # only the final assignments go to stdout (fd 3)
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 work=${1:?usage: image.sh <work dir>}
@@ -29,6 +30,7 @@ rm -rf "$root" && mkdir -p "$root"/{bin,sbin,lib/modules,vmtest/guest,etc,root}
 # (TestPackagesOnRealKVM). VMTEST_PKGS overrides the list.
 mkdir -p "$root/vmtest/pkg"
 pkgs=${VMTEST_PKGS:-$(cd "$repo" && $GO list -f '{{if .TestGoFiles}}{{.ImportPath}}{{end}}' ./internal/vmm/... 2>/dev/null || true)}
+[ "$pkgs" = none ] && pkgs=""
 for p in $pkgs; do
   (cd "$repo" && CGO_ENABLED=0 $GO test -c -trimpath -o "$root/vmtest/pkg/$(echo "${p#*/internal/}" | tr / _).test" "$p")
 done
@@ -66,10 +68,18 @@ cp "$guest/bzImage" "$root/vmtest/guest/"
 strip -o "$root/vmtest/guest/vmlinux" "$guest/vmlinux"  # keeps the PVH note
 "$here/rootfs.sh" "$root/vmtest/cube-agent" "$work/rootfs.ext4" >&2
 cp "$work/rootfs.ext4" "$root/vmtest/guest/rootfs.ext4"
+l2=$work/l2-initrd
+mkdir -p "$l2/bin" "$l2/proc" "$l2/sys" "$l2/dev"
+cp /bin/busybox "$l2/bin/busybox"
+install -m 0755 "$here/l2init.sh" "$l2/init"
+(cd "$l2" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible > "$root/vmtest/guest/initrd.cpio")
+rm -rf "$l2"
 
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible > "$work/l1-initrd.cpio")
 rm -rf "$root"
-echo "L1_KERNEL=$l1/vmlinuz"
-echo "L1_INITRD=$work/l1-initrd.cpio"
-echo "GUEST_KERNEL=$guest"
-echo "GUEST_ROOTFS=$work/rootfs.ext4"
+cat >&3 <<OUT
+L1_KERNEL=$l1/vmlinuz
+L1_INITRD=$work/l1-initrd.cpio
+GUEST_KERNEL=$guest
+GUEST_ROOTFS=$work/rootfs.ext4
+OUT

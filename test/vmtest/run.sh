@@ -14,7 +14,8 @@ mkdir -p "$CACHE/vmtest"
 work=$(mktemp -d "$CACHE/vmtest/run.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 t0=$(date +%s)
-eval "$(nice -n 10 "$here/image.sh" "$work")"
+vars=$(nice -n 10 "$here/image.sh" "$work")
+eval "$vars"
 echo "vmtest: image built in $(( $(date +%s) - t0 ))s: $L1_INITRD ($(( $(stat -c %s "$L1_INITRD") >> 20 )) MiB), guest kernel $GUEST_KERNEL"
 cd "$repo"
 CUBE_VMTEST_L1_KERNEL=$L1_KERNEL CUBE_VMTEST_L1_INITRD=$L1_INITRD \
