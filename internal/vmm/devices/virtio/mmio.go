@@ -474,6 +474,29 @@ func (t *Transport) activate(restored bool) error {
 	return nil
 }
 
+// Pause quiesces the device for a snapshot: the queues stop handing out
+// chains and Pause returns once every chain a device goroutine was
+// working on has been returned. With the vCPUs stopped, guest memory and
+// the queue state then stay still until Resume. Guest notifications
+// arriving meanwhile are remembered and served on Resume.
+func (t *Transport) Pause() {
+	for _, q := range t.queues {
+		q.pause()
+	}
+}
+
+// Resume undoes Pause and lets devices look at their queues again.
+func (t *Transport) Resume() {
+	for _, q := range t.queues {
+		q.resume()
+	}
+	if t.active.Load() {
+		for i := range t.queues {
+			t.dev.QueueNotify(i)
+		}
+	}
+}
+
 // Reset returns the device to its initial state (driver wrote 0 to
 // Status, or the VM is reset).
 func (t *Transport) Reset() {

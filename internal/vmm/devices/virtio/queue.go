@@ -164,11 +164,15 @@ type Queue struct {
 	QueueState
 	eventIdx bool
 	broken   bool
+	paused   bool       // Pop and Drain hand out nothing
+	inflight int        // chains popped and not yet pushed
+	idle     *sync.Cond // on mu: inflight reached 0
 }
 
 func newQueue(index int, max uint16, mem devices.GuestMemory, signal func(*Queue)) *Queue {
 	q := &Queue{index: index, max: max, mem: mem, signal: signal, notified: make(chan struct{}, 1)}
 	q.QueueState.Size = max
+	q.idle = sync.NewCond(&q.mu)
 	return q
 }
 
@@ -191,7 +195,38 @@ func (q *Queue) reset() {
 	q.QueueState = QueueState{Size: q.max}
 	q.eventIdx = false
 	q.broken = false
+	q.inflight = 0
+	q.idle.Broadcast()
 	q.mu.Unlock()
+}
+
+// pause stops the queue handing out chains and waits until every chain
+// handed out has been returned, so guest memory and the queue state stay
+// still for a snapshot.
+func (q *Queue) pause() {
+	q.mu.Lock()
+	q.paused = true
+	for q.inflight > 0 {
+		q.idle.Wait()
+	}
+	q.mu.Unlock()
+}
+
+func (q *Queue) resume() {
+	q.mu.Lock()
+	q.paused = false
+	q.mu.Unlock()
+	q.poke()
+}
+
+// done accounts for a returned chain. Called with mu held.
+func (q *Queue) done() {
+	if q.inflight > 0 {
+		q.inflight--
+		if q.inflight == 0 {
+			q.idle.Broadcast()
+		}
+	}
 }
 
 func (q *Queue) state() QueueState {
@@ -414,16 +449,22 @@ func (q *Queue) needInterrupt() bool {
 	return q.availFlags()&availFNoInterrupt == 0
 }
 
-// Pop takes the next available chain, or returns nil if there is none.
+// Pop takes the next available chain, or returns nil if there is none
+// (or the queue is paused). Every chain Pop returns must be given back
+// with Push or Put promptly: Pause waits for them.
 // On a malformed chain it returns the (already returned) chain's head in
 // a Chain with no buffers and an error wrapping ErrBadChain.
 func (q *Queue) Pop() (*Chain, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if !q.Ready {
+	if !q.Ready || q.paused {
 		return nil, nil
 	}
-	return q.pop()
+	c, err := q.pop()
+	if c != nil && err == nil {
+		q.inflight++
+	}
+	return c, err
 }
 
 // Push returns a chain to the driver and raises the interrupt if the
@@ -435,6 +476,7 @@ func (q *Queue) Push(c *Chain, written uint32) {
 		return
 	}
 	q.pushLocked(c.Head, written)
+	q.done()
 	need := q.needInterrupt()
 	q.mu.Unlock()
 	if need {
@@ -452,7 +494,7 @@ type Handler func(c *Chain) uint32
 // The loop is bounded by the queue size per pass over the ring.
 func (q *Queue) Drain(h Handler) (served int, err error) {
 	q.mu.Lock()
-	if !q.Ready {
+	if !q.Ready || q.paused {
 		q.mu.Unlock()
 		return 0, nil
 	}
@@ -487,6 +529,7 @@ func (q *Queue) Put(c *Chain, written uint32) {
 	defer q.mu.Unlock()
 	if q.Ready {
 		q.pushLocked(c.Head, written)
+		q.done()
 	}
 }
 

@@ -390,3 +390,26 @@ func TestTransportResetOnRestore(t *testing.T) {
 	hc2.Close()
 	g.expect("RESPONSE after restore", op(vsock.OpResponse, 61))
 }
+
+func TestPauseHoldsDelivery(t *testing.T) {
+	g := newGuest(t)
+	const gp = 900
+	hc, br := hostConnect(t, g, gp)
+	req := g.expect("REQUEST", op(vsock.OpRequest, gp))
+	g.send(vsock.Hdr{SrcPort: gp, DstPort: req.SrcPort, Op: vsock.OpResponse, BufAlloc: 64 << 10}, nil)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	g.tr.Pause()
+	before := g.rx.UsedIdx()
+	hc.Write([]byte("while paused"))
+	time.Sleep(50 * time.Millisecond)
+	if g.rx.UsedIdx() != before {
+		t.Fatalf("device wrote to guest memory while paused")
+	}
+	g.tr.Resume()
+	p := g.expect("RW after resume", op(vsock.OpRW, gp))
+	if string(p.data) != "while paused" {
+		t.Errorf("got %q", p.data)
+	}
+}
