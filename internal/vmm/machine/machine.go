@@ -52,6 +52,10 @@ type Spec struct {
 	// instead of ioeventfds.
 	NoIOEventFD bool
 	Log         *slog.Logger
+	// Restore builds the machine for a snapshot restore (package
+	// snapshot): devices are attached as usual but no kernel is loaded
+	// and no vCPU state is set; the snapshot supplies both.
+	Restore bool
 }
 
 // Slot is where an attached virtio device lives.
@@ -156,6 +160,9 @@ func New(s Spec) (_ *Machine, err error) {
 		args = append(args, boot.VirtioMMIOArg(base, boot.VirtioMMIOSize, virtioIRQs[i]))
 	}
 	m.Cmdline = InsertArgs(s.Cmdline, args)
+	if s.Restore {
+		return m, nil
+	}
 	entry, err := boot.Load(v.Mem, boot.Params{
 		Kernel: s.Kernel, Format: s.KernelFormat, Initrd: s.Initrd, Cmdline: m.Cmdline,
 		MemSize: s.MemSize, VCPUs: s.VCPUs,
