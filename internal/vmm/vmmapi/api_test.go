@@ -53,6 +53,9 @@ func (f *fakeCtl) Resume() error    { f.state = "running"; return nil }
 func (f *fakeCtl) Stop() error      { f.state = "stopped"; return nil }
 func (f *fakeCtl) Status() Status   { return Status{State: f.state} }
 func (f *fakeCtl) Metrics() Metrics { return Metrics{State: f.state} }
+func (f *fakeCtl) VCPUs() ([]VCPURegs, error) {
+	return []VCPURegs{{ID: 0, RIP: 0x100000}}, nil
+}
 
 func TestServerRoutes(t *testing.T) {
 	ctl := &fakeCtl{state: "created"}
