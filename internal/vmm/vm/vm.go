@@ -321,6 +321,9 @@ func (v *VM) Resume() error {
 	}
 	v.req.Store(v.req.Load() &^ reqPause)
 	for _, c := range v.CPUs {
+		// Tell a kvmclock guest it was paused, so its watchdogs do not
+		// report a soft lockup (EINVAL when the guest has no kvmclock).
+		_ = c.KVMClockCtrl()
 		c.SetImmediateExit(false)
 	}
 	v.state = StateRunning
