@@ -316,3 +316,53 @@ func TestProcessVirtioDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestProcessSelfCgroup runs `cube vmm --cgroup` directly (no launcher):
+// the VMM creates and joins its cgroup, and under its seccomp filter
+// moves itself out and removes it on exit.
+func TestProcessSelfCgroup(t *testing.T) {
+	needKVM(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for cgroups")
+	}
+	bin := cubeBinary(t)
+	dir := world(t)
+	kernel := filepath.Join(dir, "guest.bin")
+	os.WriteFile(kernel, synth.Hello("self cgroup\n"), 0o644)
+	sock := filepath.Join(dir, "api.sock")
+	name := "self-" + strconv.Itoa(os.Getpid())
+	o := Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, APISocket: sock, Cgroup: name}
+	cmd := exec.Command(bin, append([]string{"vmm"}, o.Args()...)...)
+	cmd.Env = append(os.Environ(), "GODEBUG=updatemaxprocs=0")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	c := NewClient(sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cg, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup")
+	if strings.Count(string(cg), "/cube-vmm/"+name) < 3 {
+		t.Fatalf("not in its cgroup:\n%s", cg)
+	}
+	if _, err := c.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	for _, ctrl := range []string{"cpu", "memory", "pids"} {
+		filepath.WalkDir("/sys/fs/cgroup/"+ctrl, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() && d.Name() == name {
+				t.Errorf("cgroup %s left behind", p)
+			}
+			if d != nil && d.IsDir() && strings.Count(p, "/") > 7 {
+				return filepath.SkipDir
+			}
+			return nil
+		})
+	}
+}
