@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -421,6 +422,14 @@ func (c *VCPU) loop() {
 	v := c.vm
 	c.tid.Store(int32(unix.Gettid()))
 	defer c.exited()
+	defer func() {
+		// A device model bug must not take the process down silently:
+		// stop the VM and report it as a VMM fault.
+		if r := recover(); r != nil {
+			v.log.Error("panic on vCPU thread", "vcpu", c.ID, "panic", r, "stack", string(debug.Stack()))
+			v.finish(Result{Outcome: OutcomeCrashed, Reason: fmt.Sprintf("vmm panic: %v", r), VCPU: c.ID})
+		}
+	}()
 	// A kick sent before tid was stored is covered by immediate_exit,
 	// which kickAll sets first.
 	for {

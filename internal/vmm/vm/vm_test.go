@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -395,5 +396,26 @@ func TestMemorySlice(t *testing.T) {
 	a[0] = 7
 	if m.Host()[boot.MMIOGapStart] != 7 {
 		t.Fatal("high RAM does not follow low RAM in the host mapping")
+	}
+}
+
+type panicDev struct{}
+
+func (panicDev) PIORead(uint16, []byte)  { panic("device bug") }
+func (panicDev) PIOWrite(uint16, []byte) { panic("device bug") }
+
+func TestDevicePanicStopsVM(t *testing.T) {
+	v, _ := newGuest(t, synth.New(synth.LoadAddr).OutStr(0x60, "x").Spin().Bytes())
+	if err := v.PIO.AddPIO("bad", 0x60, 1, panicDev{}); err != nil {
+		t.Fatal(err)
+	}
+	v.Start()
+	select {
+	case <-v.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("vm still running after a device panic")
+	}
+	if r := v.Wait(); r.Outcome != OutcomeCrashed || !strings.Contains(r.Reason, "device bug") {
+		t.Fatalf("result %+v", r)
 	}
 }
