@@ -50,6 +50,15 @@ func (a *Asm) OutStr(port uint16, s string) *Asm {
 	return a
 }
 
+// RepOutsb writes the n bytes at addr to port with one string
+// instruction (rep outsb): the VMM sees I/O exits with count > 1.
+func (a *Asm) RepOutsb(port uint16, addr, n uint32) *Asm {
+	a.emit(0xBE).imm32(addr) // mov esi, addr
+	a.emit(0xB9).imm32(n)    // mov ecx, n
+	a.emit(0x66, 0xBA, byte(port), byte(port>>8))
+	return a.emit(0xF3, 0x6E) // rep outsb
+}
+
 // InByte reads port into al.
 func (a *Asm) InByte(port uint16) *Asm {
 	return a.emit(0x66, 0xBA, byte(port), byte(port>>8), 0xEC)

@@ -419,3 +419,18 @@ func TestDevicePanicStopsVM(t *testing.T) {
 		t.Fatalf("result %+v", r)
 	}
 }
+
+func TestStringIO(t *testing.T) {
+	const data = 0x102000
+	msg := "string I/O through one rep outsb\n"
+	v, p := newGuest(t, synth.New(synth.LoadAddr).RepOutsb(0x3f8, data, uint32(len(msg))).Spin().Bytes())
+	if err := v.Mem.Write(data, []byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	v.Start()
+	p.waitFor(t, msg)
+	v.Stop()
+	if n := v.Metrics.Exits()["io"]; n >= uint64(len(msg)) {
+		t.Logf("io exits %d: the string was not batched (allowed, just slower)", n)
+	}
+}
