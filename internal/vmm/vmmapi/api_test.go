@@ -100,3 +100,23 @@ func FuzzServer(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseDisk(f *testing.F) {
+	f.Add("base=/a,overlay=/b,id=c")
+	f.Add("/x")
+	f.Add("base=,=,")
+	f.Fuzz(func(t *testing.T, s string) {
+		d, err := ParseDisk(s)
+		if err != nil {
+			return
+		}
+		if d.Base == "" {
+			t.Fatal("accepted a disk without a base")
+		}
+		if !strings.ContainsAny(d.Base+d.Overlay+d.ID, ",") {
+			if d2, err := ParseDisk(d.String()); err != nil || d2 != d {
+				t.Fatalf("round trip of %q: %+v %v", s, d2, err)
+			}
+		}
+	})
+}
