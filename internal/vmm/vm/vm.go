@@ -298,6 +298,13 @@ func (v *VM) Pause() error {
 	for v.parked < v.live && v.state == StateRunning {
 		v.cond.Wait()
 		if v.parked < v.live && time.Since(start) > 5*time.Second {
+			// Give up and let the parked vCPUs run again: the VM stays
+			// running rather than half paused.
+			v.req.Store(v.req.Load() &^ reqPause)
+			for _, c := range v.CPUs {
+				c.SetImmediateExit(false)
+			}
+			v.cond.Broadcast()
 			return fmt.Errorf("pause: %d of %d vCPUs did not park", v.live-v.parked, v.live)
 		}
 	}
