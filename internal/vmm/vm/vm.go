@@ -301,8 +301,10 @@ func (v *VM) Pause() error {
 			// Give up and let the parked vCPUs run again: the VM stays
 			// running rather than half paused.
 			v.req.Store(v.req.Load() &^ reqPause)
-			for _, c := range v.CPUs {
-				c.SetImmediateExit(false)
+			if v.req.Load()&reqStop == 0 {
+				for _, c := range v.CPUs {
+					c.SetImmediateExit(false)
+				}
 			}
 			v.cond.Broadcast()
 			return fmt.Errorf("pause: %d of %d vCPUs did not park", v.live-v.parked, v.live)
@@ -328,6 +330,9 @@ func (v *VM) Resume() error {
 		return fmt.Errorf("vm is %s, not paused", v.state)
 	}
 	v.req.Store(v.req.Load() &^ reqPause)
+	if v.req.Load()&reqStop != 0 {
+		return fmt.Errorf("vm is stopping")
+	}
 	for _, c := range v.CPUs {
 		// Tell a kvmclock guest it was paused, so its watchdogs do not
 		// report a soft lockup (EINVAL when the guest has no kvmclock).
