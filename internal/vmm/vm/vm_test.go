@@ -434,3 +434,36 @@ func TestStringIO(t *testing.T) {
 		t.Logf("io exits %d: the string was not batched (allowed, just slower)", n)
 	}
 }
+
+// TestPauseResumeStress pauses and resumes a spinning guest many times,
+// with a stop racing the last ones.
+func TestPauseResumeStress(t *testing.T) {
+	v, p := newGuest(t, synth.Hello("x\n"))
+	v.Start()
+	p.waitFor(t, "x\n")
+	for i := 0; i < 200; i++ {
+		if err := v.Pause(); err != nil {
+			t.Fatalf("pause %d: %v", i, err)
+		}
+		if err := v.Resume(); err != nil {
+			t.Fatalf("resume %d: %v", i, err)
+		}
+	}
+	go func() {
+		for v.Pause() == nil && v.Resume() == nil {
+		}
+	}()
+	done := make(chan Result, 1)
+	go func() { done <- v.Stop() }()
+	select {
+	case r := <-done:
+		if r.Outcome != OutcomeStopped {
+			t.Fatalf("result %+v", r)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("stop racing pause/resume hung")
+	}
+	if v.Metrics.Pauses.Load() < 200 {
+		t.Fatalf("pauses %d", v.Metrics.Pauses.Load())
+	}
+}
