@@ -114,6 +114,17 @@ func (a *Asm) CountForever(addr uint32) *Asm {
 	return a.emit(0x48, 0xFF, 0x00, 0xEB, 0xFB) // l: inc qword [rax]; jmp l
 }
 
+// StoreCountForever writes 0 to the 32-bit address addr and increments
+// the 64-bit counter at counter, forever (a guest hammering a device
+// register, e.g. virtio QueueNotify, that counts its own writes).
+func (a *Asm) StoreCountForever(addr, counter uint32) *Asm {
+	a.emit(0xB9).imm32(counter) // mov ecx, counter
+	a.MovEAX(addr)
+	return a.emit(0xC7, 0x00, 0, 0, 0, 0, // l: mov dword [rax], 0
+		0x48, 0xFF, 0x01, // inc qword [rcx]
+		0xEB, 0xF5) // jmp l
+}
+
 // UD2 raises #UD.
 func (a *Asm) UD2() *Asm { return a.emit(0x0F, 0x0B) }
 
