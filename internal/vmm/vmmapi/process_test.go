@@ -376,3 +376,54 @@ func TestProcessSelfCgroup(t *testing.T) {
 		})
 	}
 }
+
+// TestProcessJailFlag runs `cube vmm --jail` (the CLI path through
+// Launch): the VMM it re-executes is in other namespaces and a cgroup,
+// and the outer process relays the VMM's exit.
+func TestProcessJailFlag(t *testing.T) {
+	needKVM(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (namespaces, cgroups)")
+	}
+	if err := jail.CgroupsAvailable(); err != nil {
+		t.Skipf("no usable cgroups: %v", err)
+	}
+	bin := cubeBinary(t)
+	dir := world(t)
+	kernel := filepath.Join(dir, "guest.bin")
+	os.WriteFile(kernel, synth.TripleFault("jailed crash\n"), 0o644)
+	sock := filepath.Join(dir, "api.sock")
+	o := Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, APISocket: sock, NoStart: true,
+		Cgroup: "jailflag-" + strconv.Itoa(os.Getpid())}
+	cmd := exec.Command(bin, append(append([]string{"vmm"}, o.Args()...), "--jail")...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	c := NewClient(sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	st, err := c.WaitReady(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.PID == cmd.Process.Pid {
+		t.Fatal("--jail did not re-execute the VMM")
+	}
+	mine, _ := os.Readlink("/proc/self/ns/net")
+	its, _ := os.Readlink("/proc/" + strconv.Itoa(st.PID) + "/ns/net")
+	if its == "" || its == mine {
+		t.Fatalf("jailed VMM net namespace %q, ours %q", its, mine)
+	}
+	if _, err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != ExitCrashed {
+		t.Fatalf("outer process exit %v, want the VMM's crash code %d", err, ExitCrashed)
+	}
+	if fileExists(sock) {
+		t.Fatal("socket left behind")
+	}
+}
