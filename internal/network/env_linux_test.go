@@ -43,6 +43,7 @@ type testEnv struct {
 	nsRange    netip.Prefix
 	tapRange   netip.Prefix
 	staleRange netip.Prefix
+	limRange   netip.Prefix
 	hostListen net.Listener // a "host service" on all addresses
 }
 
@@ -89,6 +90,7 @@ func setupEnv() (*testEnv, error) {
 	e.nsRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third))
 	e.tapRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+1))
 	e.staleRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+2))
+	e.limRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+3))
 	o := pid % 250
 	e.inetHost = netip.MustParseAddr(fmt.Sprintf("198.18.%d.1", o))
 	e.inetA = netip.MustParseAddr(fmt.Sprintf("198.18.%d.2", o))

@@ -35,6 +35,7 @@ type Options struct {
 	PoolSize    int          // slots kept ready
 	Mode        Mode
 	ConnRate    int    // new connections per second per slot; 0 = unlimited
+	MaxConns    int    // concurrent outbound connections per slot; 0 = unlimited
 	DNSUpstream string // host:port
 	// AdoptGrace: orphans not adopted this long after start are reaped
 	// (0 = 2 minutes; negative = only by ReapStale).
@@ -81,7 +82,7 @@ func NewManager(cfg config.Config, log *slog.Logger) (*Manager, error) {
 		}
 	}
 	return NewManagerWith(Options{Prefix: cfg.SlotPrefix, HostRange: r, PoolSize: cfg.SlotPoolSize,
-		Mode: mode, ConnRate: cfg.SlotConnRate, DNSUpstream: cfg.SlotDNSUpstream}, log)
+		Mode: mode, ConnRate: cfg.SlotConnRate, MaxConns: cfg.SlotMaxConns, DNSUpstream: cfg.SlotDNSUpstream}, log)
 }
 
 // NewManagerWith builds a Manager: it installs the host-side nftables table
@@ -98,8 +99,8 @@ func NewManagerWith(o Options, log *slog.Logger) (*Manager, error) {
 	if o.Mode != ModeTap && o.Mode != ModeNetns {
 		return nil, errs.E(errs.InvalidArgument, "slot mode %q: want tap or netns", o.Mode)
 	}
-	if o.PoolSize < 0 || o.ConnRate < 0 {
-		return nil, errs.E(errs.InvalidArgument, "slot pool size and connection rate must not be negative")
+	if o.PoolSize < 0 || o.ConnRate < 0 || o.MaxConns < 0 {
+		return nil, errs.E(errs.InvalidArgument, "slot pool size, connection rate and connection limit must not be negative")
 	}
 	if o.DNSUpstream == "" {
 		o.DNSUpstream = defaultUpstream()
@@ -365,7 +366,7 @@ func (m *Manager) Adopt(ctx context.Context, ns runtime.NetSlot, p Policy) error
 	s.comp, s.pol = comp, p
 	c, err := s.nft()
 	if err == nil {
-		if err = buildSlotRules(c, s.guestIfName(), m.hard, comp, m.opts.ConnRate); err == nil {
+		if err = buildSlotRules(c, s.guestIfName(), m.hard, comp, m.opts.ConnRate, m.opts.MaxConns); err == nil {
 			err = c.Flush()
 		}
 	}

@@ -153,7 +153,7 @@ func newSlotSets() slotSets {
 
 // buildSlotRules programs the whole slot ruleset (both tables) in c's
 // batch. guestIf is the guest-facing interface in the router namespace.
-func buildSlotRules(c *nftables.Conn, guestIfName string, hard []ipRange, pol compiled, connRate int) error {
+func buildSlotRules(c *nftables.Conn, guestIfName string, hard []ipRange, pol compiled, connRate, maxConns int) error {
 	s := newSlotSets()
 	// Replace any previous ruleset of ours atomically.
 	c.AddTable(s.table)
@@ -213,6 +213,12 @@ func buildSlotRules(c *nftables.Conn, guestIfName string, hard []ipRange, pol co
 		c.AddRule(&nftables.Rule{Table: s.table, Chain: eg, Exprs: cat(ctState(expr.CtStateBitNEW),
 			one(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(connRate), Over: true, Unit: expr.LimitTimeSecond, Burst: uint32(connRate)}),
 			dropCounted())})
+	}
+	if maxConns > 0 {
+		// Concurrent connections (conntrack entries) per slot: a guest
+		// cannot fill the host's conntrack memory with idle connections.
+		c.AddRule(&nftables.Rule{Table: s.table, Chain: eg, Exprs: cat(ctState(expr.CtStateBitNEW),
+			one(&expr.Connlimit{Count: uint32(maxConns), Flags: expr.NFT_CONNLIMIT_F_INV}), dropCounted())})
 	}
 	for _, ch := range []struct {
 		c    *nftables.Chain

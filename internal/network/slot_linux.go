@@ -206,7 +206,7 @@ func (m *Manager) createSlot(idx int) (s *slot, err error) {
 	if err != nil {
 		return s, err
 	}
-	if err = buildSlotRules(c, s.guestIfName(), m.hard, s.comp, m.opts.ConnRate); err != nil {
+	if err = buildSlotRules(c, s.guestIfName(), m.hard, s.comp, m.opts.ConnRate, m.opts.MaxConns); err != nil {
 		return s, err
 	}
 	if err = c.Flush(); err != nil {
