@@ -38,6 +38,7 @@ type testEnv struct {
 	inetHost   netip.Addr // host side of the internet veth
 	inetA      netip.Addr // web + dns server
 	inetB      netip.Addr // second address (domain tests)
+	inetPriv   netip.Addr // a private address in the internet namespace (DNS rebinding test)
 	udpSeen    chan string
 	closers    []func()
 	nsRange    netip.Prefix
@@ -95,6 +96,7 @@ func setupEnv() (*testEnv, error) {
 	e.inetHost = netip.MustParseAddr(fmt.Sprintf("198.18.%d.1", o))
 	e.inetA = netip.MustParseAddr(fmt.Sprintf("198.18.%d.2", o))
 	e.inetB = netip.MustParseAddr(fmt.Sprintf("198.18.%d.3", o))
+	e.inetPriv = netip.MustParseAddr(fmt.Sprintf("172.31.%d.2", o))
 	e.inetName = e.prefix + "inet"
 	e.inetLink = e.prefix + "i0"
 	if err := e.setupInternet(); err != nil {
@@ -195,7 +197,14 @@ func (e *testEnv) setupInternet() error {
 			return err
 		}
 	}
+	if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipnet(e.inetPriv, 32)}); err != nil {
+		return err
+	}
 	if err := h.LinkSetUp(eth); err != nil {
+		return err
+	}
+	// Host route to the private address, through the test's own link only.
+	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: hl.Attrs().Index, Dst: ipnet(e.inetPriv, 32), Gw: e.inetA.AsSlice()}); err != nil {
 		return err
 	}
 	return inNS(e.inetNS, func() error {
@@ -256,8 +265,8 @@ func (e *testEnv) setupInternet() error {
 	})
 }
 
-// dnsAnswer: www.allowed.test and allowed.test -> inetB, anything else
-// -> inetA.
+// dnsAnswer: www.allowed.test and allowed.test -> inetB, lan.allowed.test
+// -> inetPriv, anything else -> inetA.
 func (e *testEnv) dnsAnswer(q []byte) []byte {
 	var p dnsmessage.Parser
 	h, err := p.Start(q)
@@ -273,8 +282,11 @@ func (e *testEnv) dnsAnswer(q []byte) []byte {
 	_ = b.Question(qq)
 	_ = b.StartAnswers()
 	ip := e.inetA
-	if qq.Name.String() == "www.allowed.test." || qq.Name.String() == "allowed.test." {
+	switch qq.Name.String() {
+	case "www.allowed.test.", "allowed.test.":
 		ip = e.inetB
+	case "lan.allowed.test.":
+		ip = e.inetPriv
 	}
 	if qq.Type == dnsmessage.TypeA {
 		_ = b.AResource(dnsmessage.ResourceHeader{Name: qq.Name, Class: dnsmessage.ClassINET, TTL: 60}, dnsmessage.AResource{A: ip.As4()})

@@ -117,6 +117,23 @@ func TestPolicyDomains(t *testing.T) {
 	if !get(env.inetB) {
 		t.Error("address of a kept domain lost on update")
 	}
+	// DNS answers do not open private ranges (no rebinding into a LAN);
+	// an allowOut CIDR does.
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowOut: []string{"*.allowed.test"}}); err != nil {
+		t.Fatal(err)
+	}
+	if addrs, _, err := resolveIn(ns, "lan.allowed.test"); err != nil || len(addrs) != 1 || addrs[0] != env.inetPriv {
+		t.Fatalf("resolve lan.allowed.test: %v %v", addrs, err)
+	}
+	if get(env.inetPriv) {
+		t.Error("private address reachable through a DNS answer")
+	}
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowOut: []string{"*.allowed.test", env.inetPriv.String()}}); err != nil {
+		t.Fatal(err)
+	}
+	if !get(env.inetPriv) {
+		t.Error("private address not reachable with an explicit allowOut")
+	}
 	// With the internet on, every name resolves.
 	if err := env.nsMgr.SetPolicy(s.ID, Policy{}); err != nil {
 		t.Fatal(err)
