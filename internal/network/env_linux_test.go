@@ -356,7 +356,7 @@ func httpClientIn(ns netns.NsHandle) *http.Client {
 	return &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return dialFrom(ns, "tcp4", addr, 2*time.Second)
+			return dialFrom(ns, "tcp4", addr, time.Second)
 		}}}
 }
 
