@@ -363,6 +363,16 @@ func (m *Manager) Adopt(ctx context.Context, ns runtime.NetSlot, p Policy) error
 		m.forget(s)
 		return errs.Wrap(errs.NotFound, err, "network slot %q is gone", ns.ID)
 	}
+	// The slot keeps the mode it was built with, whatever the config says now.
+	if h, herr := netlink.NewHandleAt(s.ns); herr == nil {
+		if _, lerr := h.LinkByName(tapName); lerr == nil {
+			s.mode, s.guestNS = ModeTap, ""
+		} else {
+			_, g, _ := m.names(idx)
+			s.mode, s.guestNS = ModeNetns, g
+		}
+		h.Close()
+	}
 	s.comp, s.pol = comp, p
 	c, err := s.nft()
 	if err == nil {
