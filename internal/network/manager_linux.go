@@ -689,6 +689,35 @@ func (m *Manager) wipe(s *slot) error {
 	return nil
 }
 
+// PrepareGuest restores the guest side of an active netns-mode slot:
+// runsc (--network=sandbox) takes eth0's address and routes over and does
+// not give them back when it exits, so call this before starting another
+// sandbox process in a slot that has been used (restore after pause, a
+// second runsc). Release does it anyway. No-op in tap mode.
+func (m *Manager) PrepareGuest(id string) error {
+	s, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released {
+		return errs.E(errs.NotFound, "network slot %q not found", id)
+	}
+	if s.mode != ModeNetns {
+		return nil
+	}
+	g, err := netns.GetFromName(s.guestNS)
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "open guest namespace")
+	}
+	defer g.Close()
+	if err := configureGuestNS(g); err != nil {
+		return errs.Wrap(errs.Internal, err, "configure guest namespace")
+	}
+	return nil
+}
+
 // Dial connects to port on the guest of an active slot. The socket is
 // created in the slot's router namespace (setns on a locked OS thread) and
 // connects to GuestIP directly: no port of a sandbox is ever bound on the host.
