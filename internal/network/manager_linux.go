@@ -825,6 +825,10 @@ func (m *Manager) Purge() error {
 	return nil
 }
 
+// Mode is the kind of slots this manager builds (tap for the microVM
+// runtime, netns for gVisor).
+func (m *Manager) Mode() Mode { return m.opts.Mode }
+
 // Stats are counts for metrics and tests.
 type Stats struct{ Pool, Active, Orphans int }
 
