@@ -362,4 +362,3 @@ func TestCodeInterpreterRootfs(t *testing.T) {
 		}
 	}
 }
-

@@ -48,6 +48,10 @@ type Options struct {
 	Platform  string // systrap (default) or ptrace
 	PoolSize  int    // warm sandboxes kept per template (0: none)
 	Logger    *slog.Logger
+	// TemplatesOnly opens the state for baking and deleting templates
+	// beside a running server (the CLI): no re-adoption, no orphan
+	// cleanup, no pool.
+	TemplatesOnly bool
 }
 
 // Defaults used when a template does not say.
@@ -148,7 +152,11 @@ func New(ctx context.Context, opts Options) (*Runtime, error) {
 		log:       opts.Logger.With("runtime", "gvisor"),
 		sandboxes: map[string]*sandbox{},
 	}
-	r.adopt(ctx)
+	if opts.TemplatesOnly {
+		opts.PoolSize = 0
+	} else {
+		r.adopt(ctx)
+	}
 	r.pool = newPool(r, opts.PoolSize)
 	if opts.PoolSize > 0 {
 		ents, _ := os.ReadDir(filepath.Join(dir, "templates"))
@@ -412,14 +420,15 @@ func (r *Runtime) DeleteTemplate(ctx context.Context, templateID string) error {
 	if !idRE.MatchString(templateID) {
 		return errs.E(errs.InvalidArgument, "bad template id %q", templateID)
 	}
-	r.mu.Lock()
+	// Sandboxes on disk, so that another process's (a server's) count too.
 	n := 0
-	for _, s := range r.sandboxes {
-		if s.meta.Source.TemplateID == templateID {
+	ents, _ := os.ReadDir(filepath.Join(r.dir, "sandboxes"))
+	for _, e := range ents {
+		var m sandboxMeta
+		if readJSON(filepath.Join(r.dir, "sandboxes", e.Name(), "meta.json"), &m) == nil && m.Source.TemplateID == templateID {
 			n++
 		}
 	}
-	r.mu.Unlock()
 	if n > 0 {
 		return errs.E(errs.Conflict, "template %s is used by %d sandbox(es)", templateID, n)
 	}
