@@ -232,10 +232,10 @@ func parseSize(s string) (int, error) {
 func tplCreateFromImageCmd() *cobra.Command {
 	var (
 		image, id, wsize, probePath, user, pass, jobID string
-		ports, envs                                   []string
-		probe, cpu, mem                               int
-		startCmd                                      string
-		insecure, detach, quiet                       bool
+		ports, envs                                    []string
+		probe, cpu, mem                                int
+		startCmd                                       string
+		insecure, detach, quiet                        bool
 	)
 	c := &cobra.Command{
 		Use:   "create-from-image --image REF",
