@@ -40,6 +40,10 @@ type NetSlot struct {
 	PrefixLen int
 	GuestMAC  string
 	HostIP    string // unique host-side address of this slot
+	DNS       string // resolver the guest should use (the slot's DNS forwarder)
+	// RouterNetnsPath is the slot's router namespace (where Tap lives in tap
+	// mode and where the policy and DNS forwarder run); equals NetnsPath in tap mode.
+	RouterNetnsPath string
 }
 
 // Resources are the sandbox's limits.
