@@ -33,7 +33,7 @@ type benchRow struct {
 	err     error
 }
 
-func pct(s []time.Duration, p float64) time.Duration {
+func cpct(s []time.Duration, p float64) time.Duration {
 	if len(s) == 0 {
 		return 0
 	}
@@ -43,7 +43,7 @@ func pct(s []time.Duration, p float64) time.Duration {
 	return sorted[max(0, min(i, len(sorted)-1))]
 }
 
-func ms(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d.Microseconds())/1000) }
+func cms(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d.Microseconds())/1000) }
 
 func benchCreateCmd() *cobra.Command {
 	var (
@@ -103,7 +103,7 @@ func benchCreateCmd() *cobra.Command {
 			base := map[int]time.Duration{}
 			for _, r := range rows {
 				if r.path == "crun run /bin/true" && r.err == nil {
-					base[r.c] = pct(r.samples, 0.5)
+					base[r.c] = cpct(r.samples, 0.5)
 				}
 			}
 			for _, r := range rows {
@@ -113,9 +113,9 @@ func benchCreateCmd() *cobra.Command {
 				}
 				ratio := "-"
 				if b := base[r.c]; b > 0 {
-					ratio = fmt.Sprintf("%.2fx", float64(pct(r.samples, 0.5))/float64(b))
+					ratio = fmt.Sprintf("%.2fx", float64(cpct(r.samples, 0.5))/float64(b))
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t\n", r.path, r.c, len(r.samples), ms(pct(r.samples, 0.5)), ms(pct(r.samples, 0.95)), ms(pct(r.samples, 0.99)), ratio)
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t\n", r.path, r.c, len(r.samples), cms(cpct(r.samples, 0.5)), cms(cpct(r.samples, 0.95)), cms(cpct(r.samples, 0.99)), ratio)
 			}
 			return tw.Flush()
 		},
@@ -341,4 +341,4 @@ func writeTrueBundle(dir, rootfs string) error {
 	return os.WriteFile(filepath.Join(dir, "config.json"), bs, 0o644)
 }
 
-func init() { addBenchCommand(benchCreateCmd) }
+func init() { addBench(benchCreateCmd) }
