@@ -21,6 +21,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -362,6 +363,20 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p.port, p.path))
 		}
 	}
+	// The template's environment and workdir become the agent's defaults
+	// before the snapshot, so every sandbox starts with them.
+	if probePort == runtime.EnvdPort && (len(t.Env) > 0 || t.Workdir != "") {
+		body := map[string]any{}
+		if len(t.Env) > 0 {
+			body["envVars"] = t.Env
+		}
+		if t.Workdir != "" {
+			body["defaultWorkdir"] = t.Workdir
+		}
+		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body); err != nil {
+			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: agent init", t.ID))
+		}
+	}
 	step("snapshotting")
 	img := filepath.Join(tdir, "image")
 	if _, err := r.runsc.run(ctx, res.DiskMB, "checkpoint", "--image-path", img, cid); err != nil {
@@ -642,19 +657,36 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	return info(&m), nil
 }
 
-// initAgent checks that the restored agent answers and hands it the
-// sandbox's environment and access token (envd POST /init).
+// initAgent hands the agent the sandbox's environment and access token
+// (envd POST /init), with fresh entropy so that sandboxes restored from one
+// snapshot do not share random state.
 func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token string) error {
 	nsPath, addr := r.netnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(runtime.EnvdPort))
+	req := map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "entropy": entropy()}
+	if len(env) > 0 {
+		req["envVars"] = env
+	}
+	if token != "" {
+		req["accessToken"] = token
+	}
+	return r.postInit(ctx, func(ctx context.Context) (net.Conn, error) { return dialInNetns(ctx, nsPath, addr) }, req)
+}
+
+func entropy() string {
+	var b [64]byte
+	rand.Read(b[:])
+	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+// postInit sends POST /init to the agent; an agent without /init (404,
+// 501) is tolerated with a warning.
+func (r *Runtime) postInit(ctx context.Context, dial func(context.Context) (net.Conn, error), body map[string]any) error {
 	client := &http.Client{Transport: &http.Transport{
-		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dialInNetns(ctx, nsPath, addr) },
+		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 		DisableKeepAlives: true,
 	}, Timeout: 10 * time.Second}
-	if len(env) == 0 && token == "" {
-		return nil
-	}
-	body, _ := json.Marshal(map[string]any{"envVars": env, "accessToken": token, "timestamp": time.Now().UTC()})
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(body)))
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(b)))
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
@@ -663,7 +695,7 @@ func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
 		if resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusNotImplemented {
-			r.log.Warn("agent has no /init; env and token not applied", "sandbox", m.ID)
+			r.log.Warn("agent has no /init; env and token not applied")
 			return nil
 		}
 		return fmt.Errorf("POST /init: HTTP %d", resp.StatusCode)
