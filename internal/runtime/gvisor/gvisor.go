@@ -658,10 +658,15 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 }
 
 // initAgent hands the agent the sandbox's environment and access token
-// (envd POST /init), with fresh entropy so that sandboxes restored from one
-// snapshot do not share random state.
+// (envd POST /init, with the time and fresh entropy for agents that manage
+// them).
 func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token string) error {
 	nsPath, addr := r.netnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(runtime.EnvdPort))
+	// gVisor serves time and randomness from the host, so a restored
+	// sandbox needs /init only for its environment and token.
+	if len(env) == 0 && token == "" {
+		return nil
+	}
 	req := map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "entropy": entropy()}
 	if len(env) > 0 {
 		req["envVars"] = env
