@@ -21,6 +21,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -48,6 +49,10 @@ type Options struct {
 	Platform  string // systrap (default) or ptrace
 	PoolSize  int    // warm sandboxes kept per template (0: none)
 	Logger    *slog.Logger
+	// TemplatesOnly opens the state for baking and deleting templates
+	// beside a running server (the CLI): no re-adoption, no orphan
+	// cleanup, no pool.
+	TemplatesOnly bool
 }
 
 // Defaults used when a template does not say.
@@ -148,7 +153,11 @@ func New(ctx context.Context, opts Options) (*Runtime, error) {
 		log:       opts.Logger.With("runtime", "gvisor"),
 		sandboxes: map[string]*sandbox{},
 	}
-	r.adopt(ctx)
+	if opts.TemplatesOnly {
+		opts.PoolSize = 0
+	} else {
+		r.adopt(ctx)
+	}
 	r.pool = newPool(r, opts.PoolSize)
 	if opts.PoolSize > 0 {
 		ents, _ := os.ReadDir(filepath.Join(dir, "templates"))
@@ -354,6 +363,20 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p.port, p.path))
 		}
 	}
+	// The template's environment and workdir become the agent's defaults
+	// before the snapshot, so every sandbox starts with them.
+	if probePort == runtime.EnvdPort && (len(t.Env) > 0 || t.Workdir != "") {
+		body := map[string]any{}
+		if len(t.Env) > 0 {
+			body["envVars"] = t.Env
+		}
+		if t.Workdir != "" {
+			body["defaultWorkdir"] = t.Workdir
+		}
+		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body); err != nil {
+			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: agent init", t.ID))
+		}
+	}
 	step("snapshotting")
 	img := filepath.Join(tdir, "image")
 	if _, err := r.runsc.run(ctx, res.DiskMB, "checkpoint", "--image-path", img, cid); err != nil {
@@ -412,14 +435,15 @@ func (r *Runtime) DeleteTemplate(ctx context.Context, templateID string) error {
 	if !idRE.MatchString(templateID) {
 		return errs.E(errs.InvalidArgument, "bad template id %q", templateID)
 	}
-	r.mu.Lock()
+	// Sandboxes on disk, so that another process's (a server's) count too.
 	n := 0
-	for _, s := range r.sandboxes {
-		if s.meta.Source.TemplateID == templateID {
+	ents, _ := os.ReadDir(filepath.Join(r.dir, "sandboxes"))
+	for _, e := range ents {
+		var m sandboxMeta
+		if readJSON(filepath.Join(r.dir, "sandboxes", e.Name(), "meta.json"), &m) == nil && m.Source.TemplateID == templateID {
 			n++
 		}
 	}
-	r.mu.Unlock()
 	if n > 0 {
 		return errs.E(errs.Conflict, "template %s is used by %d sandbox(es)", templateID, n)
 	}
@@ -633,19 +657,41 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	return info(&m), nil
 }
 
-// initAgent checks that the restored agent answers and hands it the
-// sandbox's environment and access token (envd POST /init).
+// initAgent hands the agent the sandbox's environment and access token
+// (envd POST /init, with the time and fresh entropy for agents that manage
+// them).
 func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token string) error {
 	nsPath, addr := r.netnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(runtime.EnvdPort))
-	client := &http.Client{Transport: &http.Transport{
-		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dialInNetns(ctx, nsPath, addr) },
-		DisableKeepAlives: true,
-	}, Timeout: 10 * time.Second}
+	// gVisor serves time and randomness from the host, so a restored
+	// sandbox needs /init only for its environment and token.
 	if len(env) == 0 && token == "" {
 		return nil
 	}
-	body, _ := json.Marshal(map[string]any{"envVars": env, "accessToken": token, "timestamp": time.Now().UTC()})
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(body)))
+	req := map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "entropy": entropy()}
+	if len(env) > 0 {
+		req["envVars"] = env
+	}
+	if token != "" {
+		req["accessToken"] = token
+	}
+	return r.postInit(ctx, func(ctx context.Context) (net.Conn, error) { return dialInNetns(ctx, nsPath, addr) }, req)
+}
+
+func entropy() string {
+	var b [64]byte
+	rand.Read(b[:])
+	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+// postInit sends POST /init to the agent; an agent without /init (404,
+// 501) is tolerated with a warning.
+func (r *Runtime) postInit(ctx context.Context, dial func(context.Context) (net.Conn, error), body map[string]any) error {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
+		DisableKeepAlives: true,
+	}, Timeout: 10 * time.Second}
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(b)))
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
@@ -654,7 +700,7 @@ func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
 		if resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusNotImplemented {
-			r.log.Warn("agent has no /init; env and token not applied", "sandbox", m.ID)
+			r.log.Warn("agent has no /init; env and token not applied")
 			return nil
 		}
 		return fmt.Errorf("POST /init: HTTP %d", resp.StatusCode)

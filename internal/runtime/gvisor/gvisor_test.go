@@ -133,7 +133,7 @@ func TestReadoptAfterRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	conformance.Exec(ctx, rt1, "keep", "echo kept > /root/f")
+	conformance.Exec(ctx, rt1, "keep", "echo kept > $HOME/f")
 	if err := rt1.Pause(ctx, "sleepy"); err != nil {
 		t.Fatal(err)
 	}
@@ -154,7 +154,7 @@ func TestReadoptAfterRestart(t *testing.T) {
 	if l := rt2.Leftovers(crashedCID); len(l) > 0 {
 		t.Fatalf("orphan not cleaned: %v", l)
 	}
-	res, err := conformance.Exec(ctx, rt2, "keep", "cat /root/f")
+	res, err := conformance.Exec(ctx, rt2, "keep", "cat $HOME/f")
 	if err != nil || res.Stdout != "kept\n" {
 		t.Fatalf("re-adopted sandbox: %+v %v", res, err)
 	}
