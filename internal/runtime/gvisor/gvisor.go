@@ -551,6 +551,17 @@ func (r *Runtime) netnsPath(m *sandboxMeta) string {
 	return filepath.Join(netnsDir, m.OwnNetns)
 }
 
+// dialNetnsPath is where sockets to the sandbox are opened: a network
+// slot's router namespace when it has one (runsc takes eth0's address away
+// from the guest namespace's kernel, see docs/network.md), else the
+// sandbox's own namespace.
+func (r *Runtime) dialNetnsPath(m *sandboxMeta) string {
+	if m.Net.NetnsPath != "" && m.Net.RouterNetnsPath != "" {
+		return m.Net.RouterNetnsPath
+	}
+	return r.netnsPath(m)
+}
+
 func guestIP(m *sandboxMeta) string {
 	if m.Net.NetnsPath != "" && m.Net.GuestIP != "" {
 		return m.Net.GuestIP
@@ -661,7 +672,7 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 // (envd POST /init, with the time and fresh entropy for agents that manage
 // them).
 func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token string) error {
-	nsPath, addr := r.netnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(runtime.EnvdPort))
+	nsPath, addr := r.dialNetnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(runtime.EnvdPort))
 	// gVisor serves time and randomness from the host, so a restored
 	// sandbox needs /init only for its environment and token.
 	if len(env) == 0 && token == "" {
@@ -885,7 +896,7 @@ func (r *Runtime) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 		s.mu.Unlock()
 		return nil, errs.E(errs.Conflict, "sandbox %s is %s, not running", id, st)
 	}
-	nsPath, addr := r.netnsPath(&s.meta), net.JoinHostPort(guestIP(&s.meta), strconv.Itoa(port))
+	nsPath, addr := r.dialNetnsPath(&s.meta), net.JoinHostPort(guestIP(&s.meta), strconv.Itoa(port))
 	s.mu.Unlock()
 	c, err := dialInNetns(ctx, nsPath, addr)
 	if err != nil {
