@@ -17,6 +17,8 @@
 //   - SetPolicy changes a live sandbox's policy (running or paused).
 //   - Wrap re-adopts the slots of sandboxes that survived a restart (the
 //     inner runtime's List, the policy stored in stateDir) and reaps the rest.
+//   - A sandbox created with spec.Net already set is the caller's: every
+//     call for it passes through to the inner runtime.
 //
 // The sandbox -> slot mapping and policy are kept in stateDir/<id>.json.
 package netslot
@@ -28,6 +30,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"sync"
@@ -181,14 +184,30 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 }
 
 // CreateWithPolicy creates a sandbox in a fresh slot whose egress policy
-// is p from the first packet. spec.Net is filled in (a caller's value is
-// ignored). Bad policies are InvalidArgument before anything happens.
+// is p from the first packet, and fills in spec.Net. Bad policies are
+// InvalidArgument before anything happens.
+//
+// A spec that already carries a slot (spec.Net.NetnsPath set: the caller
+// manages slots itself) is passed to the inner runtime untouched, and so
+// are all later calls for that sandbox; p must then be the zero Policy.
 func (r *Runtime) CreateWithPolicy(ctx context.Context, spec runtime.CreateSpec, p network.Policy) (runtime.Info, error) {
 	if !idRE.MatchString(spec.ID) {
 		return runtime.Info{}, errs.E(errs.InvalidArgument, "bad sandbox id %q", spec.ID)
 	}
 	if err := network.ValidatePolicy(p); err != nil {
 		return runtime.Info{}, err
+	}
+	if spec.Net.NetnsPath != "" {
+		if !reflect.DeepEqual(p, network.Policy{}) {
+			return runtime.Info{}, errs.E(errs.InvalidArgument, "sandbox %s: a policy cannot be set on a slot the caller manages", spec.ID)
+		}
+		r.mu.Lock()
+		_, dup := r.boxes[spec.ID]
+		r.mu.Unlock()
+		if dup {
+			return runtime.Info{}, errs.E(errs.AlreadyExists, "sandbox %s already exists", spec.ID)
+		}
+		return r.Runtime.Create(ctx, spec)
 	}
 	b := &box{}
 	b.mu.Lock()
@@ -288,11 +307,11 @@ func (r *Runtime) Pause(ctx context.Context, id string) error {
 }
 
 // Resume implements runtime.Runtime: the sandbox comes back in its own
-// slot; net is ignored.
-func (r *Runtime) Resume(ctx context.Context, id string, _ runtime.NetSlot) (runtime.Info, error) {
+// slot; net is ignored (passed on for sandboxes the wrapper does not manage).
+func (r *Runtime) Resume(ctx context.Context, id string, net runtime.NetSlot) (runtime.Info, error) {
 	b, err := r.get(id)
 	if err != nil {
-		return r.Runtime.Resume(ctx, id, runtime.NetSlot{})
+		return r.Runtime.Resume(ctx, id, net)
 	}
 	defer b.mu.Unlock()
 	if b.rec.Paused {
@@ -330,14 +349,15 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	return nil
 }
 
-// Dial implements runtime.Runtime through the slot (Manager.Dial).
+// Dial implements runtime.Runtime through the slot (Manager.Dial); the
+// inner runtime's Dial for sandboxes the wrapper does not manage.
 func (r *Runtime) Dial(ctx context.Context, id string, port int) (net.Conn, error) {
 	if port < 1 || port > 65535 {
 		return nil, errs.E(errs.InvalidArgument, "port %d out of range", port)
 	}
 	b, err := r.get(id)
 	if err != nil {
-		return nil, err
+		return r.Runtime.Dial(ctx, id, port)
 	}
 	slot, paused := b.rec.Slot.ID, b.rec.Paused
 	b.mu.Unlock()

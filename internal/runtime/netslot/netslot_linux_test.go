@@ -552,3 +552,69 @@ func TestRestartReadoption(t *testing.T) {
 		t.Fatal("destroy after restart did not release the slot")
 	}
 }
+
+// TestCallerManagedSlot: a sandbox created with a slot of the caller's
+// (how a node that manages slots itself uses the runtime) passes through
+// the wrapper: gVisor in that slot reaches the internet, is reached by the
+// runtime's own Dial (the router namespace), and resumes from a pause in a
+// different slot.
+func TestCallerManagedSlot(t *testing.T) {
+	e := gvisorEnv(t)
+	ctx := context.Background()
+	id := "caller-" + strconv.Itoa(pid)
+	s1, err := e.mgr.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.CreateWithPolicy(ctx, runtime.CreateSpec{ID: id, TemplateID: e.tid, Net: s1},
+		network.Policy{AllowInternetAccess: network.Bool(false)}); !errs.Is(err, errs.InvalidArgument) {
+		t.Fatalf("policy on a caller's slot: %v, want InvalidArgument", err)
+	}
+	info, err := e.rt.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: e.tid, Net: s1,
+		Env: map[string]string{"WHO": "caller"}, AccessToken: ""})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.rt.Destroy(ctx, id)
+	if info.Net.ID != s1.ID {
+		t.Fatalf("created in %q, want the caller's %q", info.Net.ID, s1.ID)
+	}
+	if _, err := e.rt.Slot(id); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("the wrapper claims a caller's sandbox: %v", err)
+	}
+	if out, _ := sh(t, e.rt, id, "echo $WHO"); out != "caller\n" {
+		t.Fatalf("env through /init via the router namespace: %q", out)
+	}
+	if !canReachInternet(t, e.rt, id) {
+		t.Fatal("no egress in the caller's slot")
+	}
+	if err := e.rt.Pause(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.mgr.Release(ctx, s1.ID); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := e.mgr.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.mgr.Release(ctx, s2.ID)
+	if info, err = e.rt.Resume(ctx, id, s2); err != nil || info.Net.ID != s2.ID {
+		t.Fatalf("resume in another slot: %+v %v", info.Net, err)
+	}
+	if out, _ := sh(t, e.rt, id, "echo $WHO"); out != "caller\n" {
+		t.Fatalf("after resume: %q", out)
+	}
+	if !canReachInternet(t, e.rt, id) {
+		t.Fatal("no egress after resuming in another slot")
+	}
+	if err := e.mgr.SetPolicy(s2.ID, network.Policy{AllowInternetAccess: network.Bool(false)}); err != nil {
+		t.Fatal(err)
+	}
+	if canReachInternet(t, e.rt, id) {
+		t.Fatal("the new slot's policy does not hold")
+	}
+	if err := e.rt.Destroy(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+}
