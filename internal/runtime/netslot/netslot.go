@@ -366,3 +366,13 @@ func (r *Runtime) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 	}
 	return r.mgr.Dial(ctx, slot, port)
 }
+
+// Close closes the inner runtime and then the manager: sandboxes keep
+// running and their slots stay in place for the next process to adopt.
+func (r *Runtime) Close() error {
+	err := r.Runtime.Close()
+	if merr := r.mgr.Close(); err == nil {
+		err = merr
+	}
+	return err
+}

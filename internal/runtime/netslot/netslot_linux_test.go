@@ -516,9 +516,11 @@ func TestRestartReadoption(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// "Crash": the old process's objects are dropped without Destroy.
-	e.inner.Close()
-	e.mgr.Close()
+	// Restart: the old process's objects are closed (sandboxes and slots
+	// stay) and rebuilt on the same state.
+	if err := e.rt.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if e.inner, err = gvisor.New(ctx, gvisor.Options{DataDir: e.dataDir, RunscPath: e.runsc}); err != nil {
 		t.Fatal(err)
 	}
