@@ -86,7 +86,7 @@ func leftovers() []string {
 // "internet".
 var inetUp bool
 
-func setupInternet(t *testing.T) {
+func setupInternet(t testing.TB) {
 	t.Helper()
 	if inetUp {
 		return
@@ -149,7 +149,7 @@ func setupInternet(t *testing.T) {
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "internet") }))
 }
 
-func listenIn(t *testing.T, nsName, addr string) net.Listener {
+func listenIn(t testing.TB, nsName, addr string) net.Listener {
 	t.Helper()
 	ch := make(chan net.Listener, 1)
 	errc := make(chan error, 1)
@@ -194,7 +194,7 @@ func ipnet(a netip.Addr, bits int) *net.IPNet {
 	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, 32)}
 }
 
-func newManager(t *testing.T, pfx string, r netip.Prefix, mode network.Mode) *network.Manager {
+func newManager(t testing.TB, pfx string, r netip.Prefix, mode network.Mode) *network.Manager {
 	t.Helper()
 	m, err := network.NewManagerWith(network.Options{Prefix: pfx, HostRange: r, PoolSize: 1, Mode: mode, AdoptGrace: -1}, testLog)
 	if err != nil {
@@ -224,7 +224,7 @@ func cacheDir() string {
 
 // gvisorEnv returns the shared environment, built on first use; skips
 // without runsc or the base rootfs.
-func gvisorEnv(t *testing.T) *gvEnv {
+func gvisorEnv(t testing.TB) *gvEnv {
 	t.Helper()
 	if shared != nil {
 		return shared
