@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/network"
 
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/conformance"
@@ -367,3 +368,6 @@ func TestSlotProvider(t *testing.T) {
 	}
 	noLeaks(t, rt)
 }
+
+// internal/network's manager is the production slot provider.
+var _ SlotProvider = (*network.Manager)(nil)
