@@ -596,6 +596,8 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	} else {
 		tm, err := r.loadTemplate(spec.TemplateID)
 		if err != nil {
+			// Deleted (perhaps by another process): drop its warm sandboxes.
+			r.pool.drop(spec.TemplateID)
 			return runtime.Info{}, err
 		}
 		src = tm.source
@@ -1033,6 +1035,13 @@ func (r *Runtime) Leftovers(cid string) []string {
 	}
 	if m, _ := filepath.Glob(filepath.Join(r.runsc.root, cid+"_sandbox:*")); len(m) > 0 {
 		out = append(out, m...)
+	}
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, cid) {
+				out = append(out, "mount "+l)
+			}
+		}
 	}
 	return out
 }
