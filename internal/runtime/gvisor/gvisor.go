@@ -409,9 +409,10 @@ func (r *Runtime) probe(ctx context.Context, cid, logPath string, dial func(cont
 	client := &http.Client{Transport: &http.Transport{
 		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx, port) },
 		DisableKeepAlives: true,
-	}, Timeout: 2 * time.Second}
+	}, Timeout: time.Second}
 	var last error
-	for i := 0; ; i++ {
+	lastCheck := time.Now()
+	for {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://sandbox"+path, nil)
 		resp, err := client.Do(req)
 		if err == nil {
@@ -422,7 +423,10 @@ func (r *Runtime) probe(ctx context.Context, cid, logPath string, dial func(cont
 			err = fmt.Errorf("HTTP %d", resp.StatusCode)
 		}
 		last = err
-		if i%10 == 9 {
+		// An init that exited leaves nobody to answer (a dial to it may
+		// hang until the timeout): look at the container every second.
+		if time.Since(lastCheck) >= time.Second {
+			lastCheck = time.Now()
 			if st := r.runsc.state(ctx, cid); st != "running" {
 				b, _ := os.ReadFile(logPath)
 				return fmt.Errorf("the sandbox's init exited (state %q): %s", st, lastLines(string(b), 5))
