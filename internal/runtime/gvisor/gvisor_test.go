@@ -5,7 +5,9 @@ package gvisor
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -371,3 +373,54 @@ func TestSlotProvider(t *testing.T) {
 
 // internal/network's manager is the production slot provider.
 var _ SlotProvider = (*network.Manager)(nil)
+
+// The real slot provider: pooled sandboxes in internal/network slots,
+// reached through the manager's Dial (the router side).
+func TestRealNetworkSlots(t *testing.T) {
+	runsc := runscPath(t)
+	pid := os.Getpid()
+	rng := netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 150+(pid/250)%50, pid%250))
+	m, err := network.NewManagerWith(network.Options{Prefix: "cg" + strconv.FormatInt(int64(pid), 36), HostRange: rng,
+		PoolSize: 1, Mode: network.ModeNetns, DNSUpstream: "127.0.0.1:53"}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Skipf("network manager unavailable here: %v", err)
+	}
+	defer m.Purge()
+	defer m.Close()
+	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runsc, PoolSize: 1, Slots: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	deadline := time.Now().Add(time.Minute)
+	for rt.PoolReady(tid) < 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	info, err := rt.Create(ctx, runtime.CreateSpec{ID: "slotted", TemplateID: tid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Net.ID == "" || info.Net.GuestIP == "" {
+		t.Fatalf("no slot: %+v", info.Net)
+	}
+	res, err := conformance.Exec(ctx, rt, "slotted", "echo via-slot")
+	if err != nil || res.Stdout != "via-slot\n" {
+		t.Fatalf("exec through the network slot: %+v %v", res, err)
+	}
+	if err := rt.Pause(ctx, "slotted"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Resume(ctx, "slotted", runtime.NetSlot{}); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := conformance.Exec(ctx, rt, "slotted", "echo resumed"); err != nil || res.Stdout != "resumed\n" {
+		t.Fatalf("exec after resume in a new slot: %+v %v", res, err)
+	}
+	if err := rt.Destroy(ctx, "slotted"); err != nil {
+		t.Fatal(err)
+	}
+	rt.Close()
+	noLeaks(t, rt)
+}
