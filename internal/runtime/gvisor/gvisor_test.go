@@ -4,15 +4,21 @@ package gvisor
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/network"
 
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/conformance"
@@ -270,4 +276,151 @@ func (r *Runtime) mustTemplate(t *testing.T, id string) *templateMeta {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// testSlots is a SlotProvider made of this package's plain namespaces: it
+// exercises the runtime's slot lifecycle (acquire, release, dial through
+// the provider) without internal/network.
+type testSlots struct {
+	mu       sync.Mutex
+	n        int
+	live     map[string]string // id -> netns path
+	acquired int
+	released int
+}
+
+func (p *testSlots) Acquire(ctx context.Context) (runtime.NetSlot, error) {
+	p.mu.Lock()
+	p.n++
+	id := fmt.Sprintf("%stestslot-%d-%d", netnsPrefix, os.Getpid(), p.n)
+	p.mu.Unlock()
+	path, err := createPlainNetns(id)
+	if err != nil {
+		return runtime.NetSlot{}, err
+	}
+	p.mu.Lock()
+	p.live[id] = path
+	p.acquired++
+	p.mu.Unlock()
+	return runtime.NetSlot{ID: id, NetnsPath: path, GuestIP: plainGuestIP, GatewayIP: plainHostIP, PrefixLen: plainPrefix}, nil
+}
+
+func (p *testSlots) Release(ctx context.Context, id string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.live[id]; !ok {
+		return errs.E(errs.NotFound, "slot %s", id)
+	}
+	delete(p.live, id)
+	p.released++
+	return deleteNetns(id)
+}
+
+func (p *testSlots) Dial(ctx context.Context, id string, port int) (net.Conn, error) {
+	p.mu.Lock()
+	path, ok := p.live[id]
+	p.mu.Unlock()
+	if !ok {
+		return nil, errs.E(errs.NotFound, "slot %s", id)
+	}
+	if err := plainNetnsStarted(path); err != nil {
+		return nil, err
+	}
+	return dialInNetns(ctx, path, net.JoinHostPort(plainGuestIP, strconv.Itoa(port)))
+}
+
+func TestSlotProvider(t *testing.T) {
+	slots := &testSlots{live: map[string]string{}}
+	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runscPath(t), PoolSize: 1, Slots: slots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	for rt.PoolReady(tid) < 1 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	info, err := rt.Create(ctx, runtime.CreateSpec{ID: "netted", TemplateID: tid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Net.ID == "" {
+		t.Fatalf("pooled sandbox has no slot: %+v", info)
+	}
+	if res, err := conformance.Exec(ctx, rt, "netted", "echo hi"); err != nil || res.Stdout != "hi\n" {
+		t.Fatalf("exec through the slot: %+v %v", res, err)
+	}
+	if err := rt.Pause(ctx, "netted"); err != nil {
+		t.Fatal(err)
+	}
+	info, err = rt.Resume(ctx, "netted", runtime.NetSlot{})
+	if err != nil || info.Net.ID == "" {
+		t.Fatalf("resume: %+v %v", info, err)
+	}
+	if res, err := conformance.Exec(ctx, rt, "netted", "echo again"); err != nil || res.Stdout != "again\n" {
+		t.Fatalf("exec after resume: %+v %v", res, err)
+	}
+	rt.Destroy(ctx, "netted")
+	rt.Close()
+	slots.mu.Lock()
+	defer slots.mu.Unlock()
+	if len(slots.live) != 0 || slots.acquired != slots.released {
+		t.Fatalf("slots: %d live, %d acquired, %d released", len(slots.live), slots.acquired, slots.released)
+	}
+	noLeaks(t, rt)
+}
+
+// internal/network's manager is the production slot provider.
+var _ SlotProvider = (*network.Manager)(nil)
+
+// The real slot provider: pooled sandboxes in internal/network slots,
+// reached through the manager's Dial (the router side).
+func TestRealNetworkSlots(t *testing.T) {
+	runsc := runscPath(t)
+	pid := os.Getpid()
+	rng := netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 150+(pid/250)%50, pid%250))
+	m, err := network.NewManagerWith(network.Options{Prefix: "cg" + strconv.FormatInt(int64(pid), 36), HostRange: rng,
+		PoolSize: 1, Mode: network.ModeNetns, DNSUpstream: "127.0.0.1:53"}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Skipf("network manager unavailable here: %v", err)
+	}
+	defer m.Purge()
+	defer m.Close()
+	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runsc, PoolSize: 1, Slots: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	deadline := time.Now().Add(time.Minute)
+	for rt.PoolReady(tid) < 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	info, err := rt.Create(ctx, runtime.CreateSpec{ID: "slotted", TemplateID: tid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Net.ID == "" || info.Net.GuestIP == "" {
+		t.Fatalf("no slot: %+v", info.Net)
+	}
+	res, err := conformance.Exec(ctx, rt, "slotted", "echo via-slot")
+	if err != nil || res.Stdout != "via-slot\n" {
+		t.Fatalf("exec through the network slot: %+v %v", res, err)
+	}
+	if err := rt.Pause(ctx, "slotted"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Resume(ctx, "slotted", runtime.NetSlot{}); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := conformance.Exec(ctx, rt, "slotted", "echo resumed"); err != nil || res.Stdout != "resumed\n" {
+		t.Fatalf("exec after resume in a new slot: %+v %v", res, err)
+	}
+	if err := rt.Destroy(ctx, "slotted"); err != nil {
+		t.Fatal(err)
+	}
+	rt.Close()
+	noLeaks(t, rt)
 }
