@@ -86,7 +86,7 @@ func TestTapSlot(t *testing.T) {
 	defer func() { mgr.Purge(); mgr.Close() }()
 	dir := t.TempDir()
 	vmm := &tapVMM{boxes: map[string]*tapBox{}}
-	rt, err := Wrap(ctx, vmm, mgr, dir, testLog)
+	rt, err := Wrap(ctx, vmm, mgr, Options{StateDir: dir, Logger: testLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +139,7 @@ func TestTapSlot(t *testing.T) {
 	mgr.Close()
 	vmm.Destroy(ctx, "b")
 	mgr = newManager(t, pfx, tapRange, network.ModeTap)
-	rt, err = Wrap(ctx, vmm, mgr, dir, testLog)
+	rt, err = Wrap(ctx, vmm, mgr, Options{StateDir: dir, Logger: testLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +169,7 @@ func TestTapSlot(t *testing.T) {
 	}
 
 	// A gVisor runtime cannot use tap slots.
-	if _, err := Wrap(ctx, gvisorName{}, mgr, dir, testLog); !errs.Is(err, errs.FailedPrecondition) {
+	if _, err := Wrap(ctx, gvisorName{}, mgr, Options{StateDir: dir, Logger: testLog}); !errs.Is(err, errs.FailedPrecondition) {
 		t.Fatalf("gvisor on tap slots: %v, want FailedPrecondition", err)
 	}
 }
