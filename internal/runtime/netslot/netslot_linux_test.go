@@ -45,7 +45,7 @@ var (
 	tapRange = netip.MustParsePrefix(fmt.Sprintf("10.214.%d.0/24", 2*(pid%120)+1))
 	// and one of 10.214.240-255.0/24 for the pooled environment.
 	poolRange = netip.MustParsePrefix(fmt.Sprintf("10.214.%d.0/24", 240+pid%16))
-	testLog  = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	testLog   = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 )
 
 func TestMain(m *testing.M) {
