@@ -11,6 +11,9 @@
 //   - Pause keeps the slot (and its policy); Resume restores the sandbox in
 //     the same slot (PrepareGuest first: runsc keeps eth0's address when it
 //     exits). The NetSlot argument of Resume is ignored.
+//   - With Options.InnerSlots the runtime acquires slots itself (gVisor's
+//     warm pool in slots): the wrapper applies the policy to the slot
+//     Create returns and to the new slot after each Resume.
 //   - Destroy destroys the sandbox, then releases the slot.
 //   - Dial goes through Manager.Dial (a socket in the slot's router
 //     namespace); nothing listens on the host for a sandbox port.
