@@ -161,6 +161,7 @@ func (r *Runtime) adopt(ctx context.Context) error {
 		}
 		if err := r.mgr.Adopt(ctx, rec.Slot, rec.Policy); err != nil {
 			r.log.Warn("sandbox survived the restart, its network slot did not", "sandbox", rec.ID, "slot", rec.Slot.ID, "err", err)
+			os.Remove(p) // calls for it pass through to the runtime
 			continue
 		}
 		r.boxes[rec.ID] = &box{rec: rec}
