@@ -129,9 +129,9 @@ func appendLine(path, line string) error {
 	return errs.Wrap(errs.Internal, err, "append to %s", path)
 }
 
-// credential returns the SysProcAttr credential that makes a child run as
+// Credential returns the SysProcAttr credential that makes a child run as
 // u, or nil when the agent already is u (or cannot switch).
-func (u *User) credential() *syscall.Credential {
+func (u *User) Credential() *syscall.Credential {
 	if os.Geteuid() != 0 || u.UID == uint32(os.Geteuid()) {
 		return nil
 	}
