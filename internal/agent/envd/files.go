@@ -3,6 +3,7 @@
 package envd
 
 import (
+	"bufio"
 	"compress/gzip"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -132,15 +133,16 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	qpath := q.Get("path")
-	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	ct, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	var results []uploadResult
 	switch ct {
 	case "multipart/form-data":
-		mr, err := r.MultipartReader()
-		if err != nil {
-			writeJSONError(w, errs.Wrap(errs.InvalidArgument, err, "malformed multipart body"))
+		if params["boundary"] == "" {
+			writeJSONError(w, errs.E(errs.InvalidArgument, "multipart body without boundary"))
 			return
 		}
+		// Large socket reads under multipart's small internal buffer.
+		mr := multipart.NewReader(bufio.NewReaderSize(r.Body, 1<<20), params["boundary"])
 		for {
 			part, err := mr.NextPart()
 			if err == io.EOF {
@@ -230,8 +232,10 @@ func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, 
 	if statErr != nil {
 		chownAs(u, p)
 	}
+	// The multipart reader hands out at most 4 KiB per Read: gather 1 MiB
+	// before each write.
 	bp := copyBufPool.Get().(*[]byte)
-	_, err = io.CopyBuffer(onlyWriter{f}, body, *bp)
+	_, err = copyFull(f, body, *bp)
 	copyBufPool.Put(bp)
 	cerr := f.Close()
 	if err == nil {
@@ -247,9 +251,24 @@ func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, 
 	return uploadResult{Path: p, Name: filepath.Base(p), Type: "file"}, nil
 }
 
-// onlyWriter hides ReadFrom so that CopyBuffer uses the pooled buffer.
-type onlyWriter struct{ w io.Writer }
-
-func (o onlyWriter) Write(b []byte) (int, error) { return o.w.Write(b) }
+// copyFull copies r to w through buf, filling buf before every write.
+func copyFull(w io.Writer, r io.Reader, buf []byte) (int64, error) {
+	var total int64
+	for {
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			if _, err := w.Write(buf[:n]); err != nil {
+				return total, err
+			}
+			total += int64(n)
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			return total, nil
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}
 
 var _ = fmt.Sprintf

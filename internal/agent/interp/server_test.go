@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -302,4 +303,14 @@ func TestExecuteNeedsToken(t *testing.T) {
 	if res.StatusCode != 401 {
 		t.Fatalf("no token: %d", res.StatusCode)
 	}
+}
+
+func newLoopback(tb testing.TB, srv *http.Server) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	go srv.Serve(l)
+	tb.Cleanup(func() { srv.Close() })
+	return "http://" + l.Addr().String()
 }
