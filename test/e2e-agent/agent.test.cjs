@@ -109,6 +109,13 @@ test('files: list, makeDir, exists, getInfo, rename, remove', async () => {
   assert.equal(await sbx.files.exists(`${dir}/d`), false);
 });
 
+test('files: metadata', async () => {
+  const [w] = [await sbx.files.write(`${dir}/meta.txt`, 'm', { metadata: { owner: 'alice' } })];
+  assert.equal(w.metadata?.owner, 'alice');
+  const info = await sbx.files.getInfo(`${dir}/meta.txt`);
+  assert.equal(info.metadata?.owner, 'alice');
+});
+
 test('files: watchDir', async () => {
   await sbx.files.makeDir(`${dir}/w`);
   const events = [];

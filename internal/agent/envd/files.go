@@ -106,9 +106,10 @@ func (s *Server) handleFilesGet(w http.ResponseWriter, r *http.Request) {
 
 // uploadResult is one entry of the POST /files response.
 type uploadResult struct {
-	Path string `json:"path"`
-	Name string `json:"name"`
-	Type string `json:"type"`
+	Path     string            `json:"path"`
+	Name     string            `json:"name"`
+	Type     string            `json:"type"`
+	Metadata map[string]string `json:"metadata,omitempty"`
 }
 
 // rawFilename returns a multipart part's filename parameter unmodified
@@ -133,6 +134,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	qpath := q.Get("path")
+	meta := metadataFromHeaders(r.Header)
 	ct, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	var results []uploadResult
 	switch ct {
@@ -160,7 +162,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 			if dest == "" {
 				dest = rawFilename(part)
 			}
-			res, err := s.writeFile(u, dest, part)
+			res, err := s.writeFile(u, dest, part, meta)
 			part.Close()
 			if err != nil {
 				writeJSONError(w, err)
@@ -183,7 +185,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 			defer zr.Close()
 			body = zr
 		}
-		res, err := s.writeFile(u, qpath, body)
+		res, err := s.writeFile(u, qpath, body, meta)
 		if err != nil {
 			writeJSONError(w, err)
 			return
@@ -201,7 +203,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 }
 
 // writeFile streams body to dest as u, creating parent directories.
-func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, error) {
+func (s *Server) writeFile(u *User, dest string, body io.Reader, meta map[string]string) (uploadResult, error) {
 	p, err := resolvePath(dest, u)
 	if err != nil {
 		return uploadResult{}, err
@@ -248,7 +250,11 @@ func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, 
 		}
 		return uploadResult{}, errs.Wrap(errs.InvalidArgument, err, "upload of %s interrupted: %v", p, err)
 	}
-	return uploadResult{Path: p, Name: filepath.Base(p), Type: "file"}, nil
+	res := uploadResult{Path: p, Name: filepath.Base(p), Type: "file"}
+	if len(meta) > 0 {
+		res.Metadata = setMetadata(p, meta)
+	}
+	return res, nil
 }
 
 // copyFull copies r to w through buf, filling buf before every write.

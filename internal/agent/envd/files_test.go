@@ -4,6 +4,7 @@ package envd
 
 import (
 	"bytes"
+	"context"
 	"compress/gzip"
 	"crypto/rand"
 	"crypto/sha256"
@@ -333,5 +334,30 @@ func TestInit(t *testing.T) {
 	json.NewDecoder(r.Body).Decode(&m)
 	if m["mem_total"] == nil || m["cpu_count"] == nil || m["disk_total"] == nil {
 		t.Fatalf("metrics: %v", m)
+	}
+}
+
+func TestFileMetadata(t *testing.T) {
+	e := newTestEnv(t, Options{})
+	dir, err := os.MkdirTemp("/var/tmp", "envd-meta-") // /tmp may be tmpfs without user xattrs
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	res, b := upload(t, e.ts.URL, "?path="+url.QueryEscape(dir+"/m.txt"), map[string][]byte{"x": []byte("x")}, map[string]string{"X-Metadata-Owner": "alice", "x-metadata-stage": "dev"})
+	if res.StatusCode != 200 {
+		t.Fatalf("%d %s", res.StatusCode, b)
+	}
+	var out []uploadResult
+	json.Unmarshal(b, &out)
+	if out[0].Metadata == nil {
+		t.Skip("filesystem without user xattrs: metadata not stored")
+	}
+	if out[0].Metadata["owner"] != "alice" || out[0].Metadata["stage"] != "dev" {
+		t.Fatalf("upload metadata %v", out[0].Metadata)
+	}
+	st, err := e.fs.Stat(context.Background(), statReq(dir+"/m.txt"))
+	if err != nil || st.Msg.Entry.Metadata["owner"] != "alice" {
+		t.Fatalf("stat metadata: %v %v", st, err)
 	}
 }
