@@ -74,6 +74,10 @@ test('files: text and binary round trip', async () => {
   await sbx.files.write(`${dir}/t/bin.dat`, bin.buffer.slice(bin.byteOffset, bin.byteOffset + bin.length));
   const back = await sbx.files.read(`${dir}/t/bin.dat`, { format: 'bytes' });
   assert.equal(Buffer.compare(Buffer.from(back), bin), 0);
+  const gz = await sbx.files.read(`${dir}/t/bin.dat`, { format: 'bytes', gzip: true });
+  assert.equal(Buffer.compare(Buffer.from(gz), bin), 0);
+  await sbx.files.write(`${dir}/t/empty`, '');
+  assert.equal(await sbx.files.read(`${dir}/t/empty`), '');
   const multi = await sbx.files.write([{ path: `${dir}/m/a.txt`, data: 'A' }, { path: `${dir}/m/b.txt`, data: 'B' }]);
   assert.equal(multi.length, 2);
   assert.equal(await sbx.files.read(`${dir}/m/b.txt`), 'B');

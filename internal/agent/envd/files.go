@@ -101,7 +101,30 @@ func (s *Server) handleFilesGet(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", ct)
 	w.Header().Set("Content-Disposition", mime.FormatMediaType("inline", map[string]string{"filename": filepath.Base(p)}))
+	if acceptsGzip(r.Header.Get("Accept-Encoding")) && r.Header.Get("Range") == "" && fi.Size() > 0 {
+		// Compressed on the fly (SDK `files.read(path, {gzip: true})`).
+		w.Header().Set("Content-Encoding", "gzip")
+		w.Header().Set("Vary", "Accept-Encoding")
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodHead {
+			return
+		}
+		zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+		bp := copyBufPool.Get().(*[]byte)
+		_, _ = copyFull(zw, f, *bp)
+		copyBufPool.Put(bp)
+		_ = zw.Close()
+		return
+	}
 	http.ServeContent(w, r, "", fi.ModTime(), f)
+}
+
+// acceptsGzip reports whether the client asked for gzip explicitly, as
+// the SDK does for `files.read(path, {gzip: true})`. HTTP clients' default
+// "gzip, deflate, br" does not count: a compressed reply has no
+// Content-Length, which the SDK needs to recognise empty files.
+func acceptsGzip(h string) bool {
+	return strings.EqualFold(strings.TrimSpace(h), "gzip")
 }
 
 // uploadResult is one entry of the POST /files response.

@@ -125,6 +125,22 @@ func TestFilesUploadDownload(t *testing.T) {
 	if res, b = download(t, e.ts.URL, "?path="+url.QueryEscape(dir+"/empty"), nil); res.StatusCode != 200 || len(b) != 0 || res.ContentLength != 0 {
 		t.Fatalf("empty: %d %d", res.StatusCode, len(b))
 	}
+	// gzip download on request (Go's client would decompress transparently:
+	// ask explicitly and decode by hand).
+	greq, _ := http.NewRequest("GET", e.ts.URL+"/files?path="+url.QueryEscape(dir+"/y/z/two.bin"), nil)
+	greq.Header.Set("Accept-Encoding", "gzip")
+	gres, err := http.DefaultClient.Do(greq)
+	if err != nil || gres.Header.Get("Content-Encoding") != "gzip" {
+		t.Fatalf("gzip download: %v %v", gres, err)
+	}
+	zr, err := gzip.NewReader(gres.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := io.ReadAll(zr); !bytes.Equal(got, bin) {
+		t.Fatal("gzip download corrupted")
+	}
+	gres.Body.Close()
 	// Raw octet-stream body with gzip.
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
