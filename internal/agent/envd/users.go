@@ -162,12 +162,9 @@ func asUser(u *User, fn func() error) error {
 	if len(groups) == 0 {
 		groups = []int{int(u.GID)}
 	}
-	switched := unix.Setgroups(groups) == nil
-	if switched {
+	if unix.Setgroups(groups) == nil {
 		unix.SetfsgidRetGid(int(u.GID))
 		unix.SetfsuidRetUid(int(u.UID))
-		cur, _ := unix.SetfsuidRetUid(-1)
-		switched = cur == int(u.UID)
 	}
 	err := fn()
 	// Restore root; if that fails keep the thread locked so that it dies
@@ -178,7 +175,6 @@ func asUser(u *User, fn func() error) error {
 	if cur, _ := unix.SetfsuidRetUid(-1); cur == 0 && rerr == nil {
 		runtime.UnlockOSThread()
 	}
-	_ = switched
 	return err
 }
 
