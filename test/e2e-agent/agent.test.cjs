@@ -172,3 +172,19 @@ test('runCode: bash language', async () => {
   const r = await sbx.runCode('echo $((2+3))', { language: 'bash' });
   assert.deepEqual(r.logs.stdout, ['5\n']);
 });
+
+test('commands.run and files as another user (Basic auth user selection)', async () => {
+  const r = await sbx.commands.run('id -un', { user: 'nobody' });
+  assert.equal(r.stdout, 'nobody\n');
+  await assert.rejects(sbx.files.write('/root/cube-e2e-denied.txt', 'x', { user: 'nobody' }));
+});
+
+test('runCode: per-call envs, javascript, timeout interrupts', async () => {
+  const e = await sbx.runCode('import os; os.environ.get("PER_CALL")', { envs: { PER_CALL: 'yes' } });
+  assert.equal(e.text, 'yes');
+  const js = await sbx.runCode('const q = 20; q + 22', { language: 'js' });
+  assert.equal(js.text, '42');
+  await assert.rejects(sbx.runCode('import time\ntime.sleep(30)', { timeoutMs: 1500 }));
+  const after = await sbx.runCode('6 * 7');
+  assert.equal(after.text, '42');
+});
