@@ -418,6 +418,7 @@ func EnvdLike(id string, port int) http.Handler {
 	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/octet-stream")
+		http.NewResponseController(w).EnableFullDuplex()
 		buf := make([]byte, 32<<10)
 		for {
 			n, err := r.Body.Read(buf)
