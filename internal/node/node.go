@@ -322,8 +322,8 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 	labels := map[string]string{"cube.key": req.KeyID, "cube.template": t.ID}
 	_, err := n.rt.Create(opCtx, runtime.CreateSpec{
 		ID: sb.ID, TemplateID: t.ID,
-		Resources:   runtime.Resources{CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskMB},
-		Env:         req.EnvVars, AccessToken: req.EnvdToken, Labels: labels,
+		Resources: runtime.Resources{CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskMB},
+		Env:       req.EnvVars, AccessToken: req.EnvdToken, Labels: labels,
 	})
 	if err != nil {
 		n.rt.Destroy(context.WithoutCancel(ctx), sb.ID) // leave nothing behind

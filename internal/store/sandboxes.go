@@ -98,9 +98,9 @@ type scanner interface{ Scan(...any) error }
 
 func scanSandbox(r scanner) (*Sandbox, error) {
 	var (
-		sb                                               Sandbox
-		state, md, ev, nw                                string
-		ai, ap, apm, ar                                  int
+		sb                                              Sandbox
+		state, md, ev, nw                               string
+		ai, ap, apm, ar                                 int
 		startedAt, endAt, pausedAt, endedAt, cAt, updAt int64
 	)
 	err := r.Scan(&sb.ID, &sb.KeyID, &sb.TemplateID, &sb.Alias, &sb.NodeID, &state, &sb.CPUCount, &sb.MemoryMB,
