@@ -10,7 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/cubesandbox/cube/internal/client"
+	apiclient "github.com/cubesandbox/cube/internal/client"
 	"github.com/cubesandbox/cube/internal/errs"
 )
 
@@ -25,7 +25,7 @@ func (f *apiFlags) bind(c *cobra.Command) {
 	c.PersistentFlags().StringVar(&f.key, "api-key", "", "API key (default $E2B_API_KEY, else the data dir's default key)")
 }
 
-func (f *apiFlags) client() (*client.Client, error) {
+func (f *apiFlags) client() (*apiclient.Client, error) {
 	url := firstNonEmpty(f.url, os.Getenv("E2B_API_URL"), "http://localhost:3000")
 	surl := firstNonEmpty(f.sandboxURL, os.Getenv("E2B_SANDBOX_URL"), url)
 	key := firstNonEmpty(f.key, os.Getenv("E2B_API_KEY"))
@@ -39,7 +39,7 @@ func (f *apiFlags) client() (*client.Client, error) {
 	if key == "" {
 		return nil, errs.E(errs.Unauthenticated, "no API key: set E2B_API_KEY or pass --api-key (cube key create makes one)")
 	}
-	return client.New(url, surl, key), nil
+	return apiclient.New(url, surl, key), nil
 }
 
 func firstNonEmpty(v ...string) string {
@@ -93,7 +93,7 @@ func init() {
 				if len(args) == 1 {
 					tpl = args[0]
 				}
-				o := client.CreateOptions{Timeout: timeout, Metadata: kv(md), EnvVars: kv(envs)}
+				o := apiclient.CreateOptions{Timeout: timeout, Metadata: kv(md), EnvVars: kv(envs)}
 				sb, err := cl.Create(cmd.Context(), tpl, o)
 				if err != nil {
 					return err
@@ -126,7 +126,7 @@ func init() {
 				return nil
 			},
 		}
-		simple := func(use, short string, f func(cl *client.Client, cmd *cobra.Command, id string) error) *cobra.Command {
+		simple := func(use, short string, f func(cl *apiclient.Client, cmd *cobra.Command, id string) error) *cobra.Command {
 			return &cobra.Command{Use: use + " ID...", Short: short, Args: cobra.MinimumNArgs(1),
 				RunE: func(cmd *cobra.Command, args []string) error {
 					cl, err := af.client()
@@ -141,9 +141,9 @@ func init() {
 					return nil
 				}}
 		}
-		kill := simple("kill", "Kill sandboxes", func(cl *client.Client, cmd *cobra.Command, id string) error { return cl.Kill(cmd.Context(), id) })
-		pause := simple("pause", "Pause sandboxes", func(cl *client.Client, cmd *cobra.Command, id string) error { return cl.Pause(cmd.Context(), id) })
-		resume := simple("resume", "Resume (connect to) sandboxes", func(cl *client.Client, cmd *cobra.Command, id string) error {
+		kill := simple("kill", "Kill sandboxes", func(cl *apiclient.Client, cmd *cobra.Command, id string) error { return cl.Kill(cmd.Context(), id) })
+		pause := simple("pause", "Pause sandboxes", func(cl *apiclient.Client, cmd *cobra.Command, id string) error { return cl.Pause(cmd.Context(), id) })
+		resume := simple("resume", "Resume (connect to) sandboxes", func(cl *apiclient.Client, cmd *cobra.Command, id string) error {
 			_, err := cl.Resume(cmd.Context(), id, timeout)
 			return err
 		})

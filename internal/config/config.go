@@ -44,6 +44,18 @@ type Config struct {
 	AgentPath      string        `json:"agentPath" env:"CUBE_AGENT" default:""`
 	KernelPath     string        `json:"kernelPath" env:"CUBE_KERNEL" default:""`
 	DebianMirror   string        `json:"debianMirror" env:"CUBE_DEBIAN_MIRROR" default:""`
+
+	// Network slots (internal/network; SlotHostRange and SlotPoolSize above).
+	// SlotPrefix names every namespace and link it creates (<prefix>r<N>,
+	// <prefix>g<N>, <prefix>h<N>); stale ones are removed at startup.
+	SlotPrefix string `json:"slotPrefix" env:"CUBE_SLOT_PREFIX" default:"cube"`
+	// SlotMode is the guest side of slots: auto (from the runtime) | tap | netns.
+	SlotMode string `json:"slotMode" env:"CUBE_SLOT_MODE" default:"auto"`
+	// SlotConnRate limits new outbound connections per second per sandbox (0 = no limit).
+	SlotConnRate int `json:"slotConnRate" env:"CUBE_SLOT_CONN_RATE" default:"200"`
+	// SlotDNSUpstream is the resolver the per-slot DNS forwarders ask
+	// (host:port; empty = first nameserver of /etc/resolv.conf).
+	SlotDNSUpstream string `json:"slotDNSUpstream" env:"CUBE_SLOT_DNS_UPSTREAM" default:""`
 }
 
 // Default returns a Config with every default applied.

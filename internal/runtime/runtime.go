@@ -40,6 +40,10 @@ type NetSlot struct {
 	PrefixLen int
 	GuestMAC  string
 	HostIP    string // unique host-side address of this slot
+	DNS       string // resolver the guest should use (the slot's DNS forwarder)
+	// RouterNetnsPath is the slot's router namespace (where Tap lives in tap
+	// mode and where the policy and DNS forwarder run); equals NetnsPath in tap mode.
+	RouterNetnsPath string
 }
 
 // Resources are the sandbox's limits.
@@ -100,9 +104,22 @@ type Template struct {
 	Ext4Image string // ext4 image of the same content (microvm)
 	Resources Resources
 	Env       map[string]string
+	// Cmd is the container's init command; default /usr/local/bin/cube-agent
+	// (the template builder injects the agent there).
+	Cmd       []string
+	Workdir   string // default /
 	ProbePort int    // default 49983
 	ProbePath string // default /health
+	// ExtraProbes are further HTTP ports that must answer 2xx on /health
+	// before the snapshot is taken (49999 for code-interpreter).
+	ExtraProbes []int
+	// Progress, if set, is told the bake's steps: "booting", "probing",
+	// "snapshotting".
+	Progress func(step string) `json:"-"`
 }
+
+// DefaultAgentPath is where templates carry cube-agent.
+const DefaultAgentPath = "/usr/local/bin/cube-agent"
 
 // Runtime is the node-side sandbox runtime.
 type Runtime interface {

@@ -1,0 +1,273 @@
+//go:build linux
+
+package gvisor
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cubesandbox/cube/internal/errs"
+
+	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/runtime/conformance"
+)
+
+func runscPath(t testing.TB) string {
+	if os.Geteuid() != 0 {
+		t.Skip("gvisor runtime tests need root (netns, cgroups)")
+	}
+	for _, p := range []string{os.Getenv("CUBE_RUNSC"), filepath.Join(cacheDir(), "bin", "runsc")} {
+		if p != "" {
+			if _, err := os.Stat(p); err == nil {
+				return p
+			}
+		}
+	}
+	t.Skip("runsc not built: run `make runsc` (mk/runsc.mk)")
+	return ""
+}
+
+func cacheDir() string {
+	if d := os.Getenv("CUBE_CACHE_DIR"); d != "" {
+		return d
+	}
+	return "/var/cache/cube"
+}
+
+func newRuntime(t testing.TB, pool int) *Runtime {
+	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runscPath(t), PoolSize: pool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rt.Close() })
+	return rt
+}
+
+func harness(rt *Runtime, tid string) conformance.Harness {
+	return conformance.Harness{
+		Runtime:  rt,
+		Template: tid,
+		Footprint: func(id string) (any, error) {
+			return rt.Inspect(id)
+		},
+		Leftovers: func(fp any) []string {
+			res := fp.(Resources)
+			l := rt.Leftovers(res.CID)
+			if _, err := os.Stat(res.Dir); err == nil {
+				l = append(l, res.Dir)
+			}
+			return l
+		},
+	}
+}
+
+func TestConformance(t *testing.T) {
+	rt := newRuntime(t, 0)
+	conformance.Run(t, harness(rt, bakeBase(t, rt)))
+	if l := rt.Leaks(); len(l) > 0 {
+		t.Fatalf("leaks: %v", l)
+	}
+}
+
+func noLeaks(t *testing.T, rt *Runtime) {
+	t.Helper()
+	if l := rt.Leaks(); len(l) > 0 {
+		t.Fatalf("leaks: %v", l)
+	}
+}
+
+func TestWarmPool(t *testing.T) {
+	rt := newRuntime(t, 2)
+	tid := bakeBase(t, rt)
+	waitPool := func(n int) {
+		deadline := time.Now().Add(60 * time.Second)
+		for rt.pool.count(tid) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("pool has %d, want %d", rt.pool.count(tid), n)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitPool(2)
+	ctx := context.Background()
+	info, err := rt.Create(ctx, runtime.CreateSpec{ID: "pooled", TemplateID: tid, Resources: runtime.Resources{MemoryMB: 300, CPUCount: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Resources.MemoryMB != 300 {
+		t.Fatalf("resources %+v", info.Resources)
+	}
+	res, err := conformance.Exec(ctx, rt, "pooled", "echo pooled")
+	if err != nil || res.Stdout != "pooled\n" {
+		t.Fatalf("exec: %+v %v", res, err)
+	}
+	st, err := rt.Stats(ctx, "pooled")
+	if err != nil || st.MemTotal != 300<<20 {
+		t.Fatalf("stats %+v %v (limit not applied to a pooled sandbox)", st, err)
+	}
+	waitPool(2) // refilled in the background
+	rt.Close()
+	noLeaks(t, rt)
+	if err := rt.Destroy(ctx, "pooled"); err != nil {
+		t.Fatal(err)
+	}
+	noLeaks(t, rt)
+}
+
+func TestReadoptAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	rt1, err := New(ctx, Options{DataDir: dir, RunscPath: runscPath(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tid := bakeBase(t, rt1)
+	for _, id := range []string{"keep", "sleepy", "crashed"} {
+		if _, err := rt1.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: tid}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conformance.Exec(ctx, rt1, "keep", "echo kept > /root/f")
+	if err := rt1.Pause(ctx, "sleepy"); err != nil {
+		t.Fatal(err)
+	}
+	// "crashed" loses its state file, as if cube died mid-create.
+	crashedCID := rt1.sandboxes["crashed"].meta.CID
+	os.RemoveAll(filepath.Join(dir, "gvisor", "sandboxes", "crashed"))
+	rt1.Close()
+
+	rt2 := newRuntimeAt(t, dir)
+	list, _ := rt2.List(ctx)
+	got := map[string]runtime.State{}
+	for _, i := range list {
+		got[i.ID] = i.State
+	}
+	if got["keep"] != runtime.StateRunning || got["sleepy"] != runtime.StatePaused || len(got) != 2 {
+		t.Fatalf("after restart: %v", got)
+	}
+	if l := rt2.Leftovers(crashedCID); len(l) > 0 {
+		t.Fatalf("orphan not cleaned: %v", l)
+	}
+	res, err := conformance.Exec(ctx, rt2, "keep", "cat /root/f")
+	if err != nil || res.Stdout != "kept\n" {
+		t.Fatalf("re-adopted sandbox: %+v %v", res, err)
+	}
+	if _, err := rt2.Resume(ctx, "sleepy", runtime.NetSlot{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"keep", "sleepy"} {
+		if err := rt2.Destroy(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	noLeaks(t, rt2)
+}
+
+func newRuntimeAt(t *testing.T, dir string) *Runtime {
+	rt, err := New(context.Background(), Options{DataDir: dir, RunscPath: runscPath(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rt.Close() })
+	return rt
+}
+
+// A runsc that dies in the middle of a restore: a typed error, nothing left.
+func TestRunscKilledMidCreate(t *testing.T) {
+	rt := newRuntime(t, 0)
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := rt.Create(ctx, runtime.CreateSpec{ID: "victim", TemplateID: tid})
+		errc <- err
+	}()
+	killed := false
+	for !killed {
+		select {
+		case err := <-errc:
+			t.Skipf("restore finished before it could be killed (err %v)", err)
+		default:
+		}
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			if strings.Contains(string(b), "--root="+rt.runsc.root) && strings.Contains(string(b), "\x00restore\x00") {
+				pid, _ := strconv.Atoi(e.Name())
+				syscall.Kill(pid, syscall.SIGKILL)
+				killed = true
+			}
+		}
+	}
+	err := <-errc
+	if err == nil {
+		t.Fatal("Create succeeded though runsc was killed")
+	}
+	t.Logf("error: %v", err)
+	if _, err := rt.Dial(ctx, "victim", runtime.EnvdPort); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("victim still known: %v", err)
+	}
+	noLeaks(t, rt)
+	// The runtime keeps serving.
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "after", TemplateID: tid}); err != nil {
+		t.Fatal(err)
+	}
+	rt.Destroy(ctx, "after")
+	noLeaks(t, rt)
+}
+
+// A template whose probe never answers fails with the reason and leaves
+// nothing; one whose init exits fails fast.
+func TestBakeFailures(t *testing.T) {
+	rt := newRuntime(t, 0)
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	rootfs := rt.mustTemplate(t, tid).Bundle.RootfsDir
+	tctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	err := rt.BakeTemplate(tctx, runtime.Template{ID: "deaf", RootfsDir: rootfs, ProbePort: 4321})
+	if !errs.Is(err, errs.FailedPrecondition) || !strings.Contains(err.Error(), "probe") {
+		t.Fatalf("deaf probe: %v", err)
+	}
+	noLeaks(t, rt)
+	start := time.Now()
+	err = rt.BakeTemplate(ctx, runtime.Template{ID: "quitter", RootfsDir: rootfs, Cmd: []string{"/bin/false"}})
+	if err == nil || !strings.Contains(err.Error(), "exited") {
+		t.Fatalf("exiting init: %v", err)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Fatalf("exiting init detected after %s", d)
+	}
+	noLeaks(t, rt)
+	for _, id := range []string{"deaf", "quitter"} {
+		if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "x-" + id, TemplateID: id}); !errs.Is(err, errs.NotFound) {
+			t.Fatalf("create from failed template %s: %v", id, err)
+		}
+	}
+	// A template in use cannot be deleted.
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "user", TemplateID: tid}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rt.DeleteTemplate(ctx, tid); !errs.Is(err, errs.Conflict) {
+		t.Fatalf("delete template in use: %v", err)
+	}
+	rt.Destroy(ctx, "user")
+	if err := rt.DeleteTemplate(ctx, tid); err != nil {
+		t.Fatal(err)
+	}
+	noLeaks(t, rt)
+}
+
+func (r *Runtime) mustTemplate(t *testing.T, id string) *templateMeta {
+	m, err := r.loadTemplate(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
