@@ -1,0 +1,103 @@
+// Starts a real `cube server` (the host's runtime: gVisor here) on a free
+// loopback port with a temporary data dir, and stops it (killing every
+// sandbox it made) afterwards. The stock SDKs are loaded with require() so
+// that NODE_PATH (the Makefile's npm cache) applies.
+import { spawn, execFileSync } from 'node:child_process'
+import { createRequire } from 'node:module'
+import fs from 'node:fs'
+import net from 'node:net'
+import os from 'node:os'
+import path from 'node:path'
+
+export const require = createRequire(import.meta.url)
+
+const BIN = process.env.CUBE_BIN || path.resolve(import.meta.dirname, '../../bin')
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer()
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address()
+      s.close(() => resolve(port))
+    })
+    s.on('error', reject)
+  })
+}
+
+export async function startServer() {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cube-e2e-'))
+  const port = await freePort()
+  const log = fs.openSync(path.join(dataDir, 'server.log'), 'a')
+  const proc = spawn(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'server', '--listen', `127.0.0.1:${port}`],
+    { stdio: ['ignore', 'pipe', log] })
+  let out = ''
+  const exited = new Promise((resolve) => proc.on('exit', resolve))
+  const env = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('cube server did not start in 15 min; see ' + dataDir + '/server.log')), 900_000)
+    proc.stdout.on('data', (d) => {
+      out += d
+      const m = out.match(/export E2B_API_KEY=(e2b_[0-9a-f]+)/)
+      if (m) {
+        clearTimeout(timer)
+        resolve({ url: `http://127.0.0.1:${port}`, key: m[1] })
+      }
+    })
+    exited.then((code) => {
+      clearTimeout(timer)
+      reject(new Error(`cube server exited (${code}):\n` + fs.readFileSync(path.join(dataDir, 'server.log'), 'utf8').slice(-3000)))
+    })
+  })
+  const key2 = execFileSync(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'key', 'create', '--name', 'second'], { stdio: ['ignore', 'pipe', 'ignore'] })
+    .toString().trim()
+  // What the user exports (recipe A of the compatibility spec).
+  process.env.E2B_API_URL = env.url
+  process.env.E2B_SANDBOX_URL = env.url
+  process.env.E2B_API_KEY = env.key
+  await waitHealthy(env.url)
+  return {
+    ...env, key2, dataDir, proc,
+    async stop() {
+      // Kill what is left so nothing outlives the test, then stop.
+      for (const key of [env.key, key2]) {
+        try {
+          const res = await fetch(env.url + '/v2/sandboxes?limit=100', { headers: { 'X-API-KEY': key } })
+          for (const s of await res.json()) {
+            await fetch(env.url + '/sandboxes/' + s.sandboxID, { method: 'DELETE', headers: { 'X-API-KEY': key } })
+          }
+        } catch { }
+      }
+      proc.kill('SIGTERM')
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000))])
+      if (proc.exitCode === null) proc.kill('SIGKILL')
+      const left = leftovers(dataDir)
+      if (left.length === 0 && !process.env.CUBE_E2E_KEEP) fs.rmSync(dataDir, { recursive: true, force: true })
+      return left
+    },
+  }
+}
+
+async function waitHealthy(url) {
+  for (let i = 0; i < 100; i++) {
+    try {
+      const r = await fetch(url + '/health')
+      if (r.ok) return
+    } catch { }
+    await new Promise((r) => setTimeout(r, 100))
+  }
+  throw new Error('server not healthy')
+}
+
+// Processes that still mention the data dir (runsc sandboxes) after stop.
+export function leftovers(dataDir) {
+  const out = []
+  for (const pid of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue
+    try {
+      const cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ')
+      if (cmd.includes(dataDir)) out.push(`${pid}: ${cmd.slice(0, 200)}`)
+    } catch { }
+  }
+  return out
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
