@@ -137,7 +137,9 @@ on a free port with a temporary data dir.`,
 	return cmd
 }
 
-func apiMS(d time.Duration) string { return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond)) }
+func apiMS(d time.Duration) string {
+	return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond))
+}
 
 func pctl(ds []time.Duration, p int) time.Duration {
 	if len(ds) == 0 {
