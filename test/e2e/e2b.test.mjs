@@ -4,6 +4,8 @@
 // three environment variables of the compatibility spec point them at Cube.
 import { describe, test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
+import { execFileSync } from 'node:child_process'
+import path from 'node:path'
 import { startServer, require, sleep } from './harness.mjs'
 
 const [major, minor] = process.versions.node.split('.').map(Number)
@@ -136,6 +138,21 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     } finally {
       await mine.kill()
     }
+  })
+
+  test('cube sandbox CLI: create, exec, pause, resume, ls, kill', async () => {
+    const cube = (...args) => execFileSync(path.join(process.env.CUBE_BIN, 'cube'), ['sandbox', ...args],
+      { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] }).toString()
+    const id = cube('create', 'base', '--metadata', 'via=cli').trim()
+    assert.match(id, /^[a-z0-9]+$/)
+    assert.equal(cube('exec', id, 'echo', 'from', 'cli'), 'from cli\n')
+    assert.throws(() => cube('exec', id, 'exit 7'), (e) => e.status === 7)
+    cube('pause', id)
+    assert.match(cube('ls'), new RegExp(`${id}\\s+base\\s+paused`))
+    cube('resume', id)
+    assert.equal(cube('exec', id, 'echo', 'back'), 'back\n')
+    cube('kill', id)
+    assert.doesNotMatch(cube('ls'), new RegExp(id))
   })
 
   test('e2b 2.45 (v1 routes): create, commands, connect, kill', async () => {

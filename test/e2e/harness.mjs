@@ -11,7 +11,7 @@ import path from 'node:path'
 
 export const require = createRequire(import.meta.url)
 
-const BIN = process.env.CUBE_BIN || path.resolve(import.meta.dirname, '../../bin')
+const BIN = process.env.CUBE_BIN ||= path.resolve(import.meta.dirname, '../../bin')
 
 function freePort() {
   return new Promise((resolve, reject) => {
