@@ -272,6 +272,10 @@ func benchServer(ctx context.Context, capacity int) (string, string, func(), err
 	ln.Close()
 	logf, _ := os.Create(filepath.Join(dir, "server.log"))
 	cmd := exec.Command(exe, "--data-dir", dir, "server", "--listen", addr, "--max-sandboxes", strconv.Itoa(capacity+8))
+	// Own network slot names and addresses: runs next to another cube.
+	pid := os.Getpid()
+	cmd.Env = append(os.Environ(), fmt.Sprintf("CUBE_SLOT_PREFIX=bn%d", pid%100000),
+		fmt.Sprintf("CUBE_SLOT_HOST_RANGE=10.226.%d.0/22", (pid%64)*4))
 	cmd.Stderr = logf
 	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {

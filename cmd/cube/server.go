@@ -17,6 +17,7 @@ import (
 	"github.com/cubesandbox/cube/internal/config"
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/hostinfo"
+	"github.com/cubesandbox/cube/internal/node"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/server"
 	"github.com/cubesandbox/cube/internal/store"
@@ -25,6 +26,10 @@ import (
 // runtimeFactories are the runtimes built into this binary, by name
 // ("gvisor", "microvm"); each registers itself from its own file.
 var runtimeFactories = map[string]func(ctx context.Context, c config.Config, log *slog.Logger) (runtime.Runtime, error){}
+
+// slotProviders give sandboxes network slots (registered by the network
+// wiring); the first that applies is used.
+var slotProviders []func(ctx context.Context, c config.Config, log *slog.Logger) (node.Slots, func(), error)
 
 // templateEnsurers prepare the built-in templates on start (registered by
 // the template wiring) and record them in the store.
@@ -71,6 +76,8 @@ func apiURL(listen string, tls bool) string {
 	return scheme + "://" + net.JoinHostPort(host, port)
 }
 
+var noNetwork bool
+
 // defaultKeyFile keeps the key created on first start (mode 0600) so that
 // later starts can print the exports again.
 func defaultKeyFile(c config.Config) string { return filepath.Join(c.DataDir, "default-api-key") }
@@ -108,6 +115,7 @@ func init() {
 		f.StringVar(&dbURL, "database-url", "", "store: empty = SQLite in the data dir, or postgres://...")
 		f.StringVar(&rtName, "runtime", "auto", "sandbox runtime: auto, gvisor or microvm")
 		f.IntVar(&maxSandboxes, "max-sandboxes", 64, "sandboxes this node runs at once (paused ones excluded)")
+		f.BoolVar(&noNetwork, "no-network", false, "no network slots: sandboxes get a loopback-only namespace and no egress policy")
 		return c
 	})
 }
@@ -125,7 +133,19 @@ func runServer(cmd *cobra.Command, cfg config.Config) error {
 	}
 	defer rt.Close()
 	log.Info("runtime", "name", rt.Name())
-	s, err := server.New(ctx, cfg, rt, log)
+	var slots node.Slots
+	if !noNetwork {
+		for _, p := range slotProviders {
+			sl, closeSlots, err := p(ctx, cfg, log)
+			if err != nil {
+				return err
+			}
+			defer closeSlots()
+			slots = sl
+			break
+		}
+	}
+	s, err := server.New(ctx, cfg, rt, slots, log)
 	if err != nil {
 		return err
 	}

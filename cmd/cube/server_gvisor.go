@@ -13,6 +13,8 @@ import (
 
 	"github.com/cubesandbox/cube/internal/config"
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/network"
+	"github.com/cubesandbox/cube/internal/node"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/gvisor"
 	"github.com/cubesandbox/cube/internal/server"
@@ -30,7 +32,30 @@ func init() {
 		return gvisor.New(ctx, gvisor.Options{DataDir: c.DataDir, RunscPath: runsc, PoolSize: c.WarmPoolSize, Logger: log})
 	}
 	templateEnsurers = append(templateEnsurers, ensureBuiltinTemplates)
+	slotProviders = append(slotProviders, func(ctx context.Context, c config.Config, log *slog.Logger) (node.Slots, func(), error) {
+		m, err := network.NewManager(c, log.With("component", "network"))
+		if err != nil {
+			return nil, nil, errs.Wrap(errs.KindOf(err), err, "network slots (run with --no-network to do without)")
+		}
+		return netSlots{m}, func() { m.Close() }, nil
+	})
 }
+
+// netSlots adapts network.Manager to node.Slots.
+type netSlots struct{ m *network.Manager }
+
+func policy(allow *bool, nw store.Network) network.Policy {
+	return network.Policy{AllowInternetAccess: allow, AllowOut: nw.AllowOut, DenyOut: nw.DenyOut}
+}
+
+func (s netSlots) Acquire(ctx context.Context) (runtime.NetSlot, error) { return s.m.Acquire(ctx) }
+func (s netSlots) SetPolicy(id string, allow *bool, nw store.Network) error {
+	return s.m.SetPolicy(id, policy(allow, nw))
+}
+func (s netSlots) Adopt(ctx context.Context, ns runtime.NetSlot, allow *bool, nw store.Network) error {
+	return s.m.Adopt(ctx, ns, policy(allow, nw))
+}
+func (s netSlots) Release(ctx context.Context, id string) error { return s.m.Release(ctx, id) }
 
 // serverRunsc finds runsc: config, the Makefile's cache, then PATH.
 func serverRunsc(c config.Config) (string, error) {

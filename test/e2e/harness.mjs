@@ -28,11 +28,15 @@ export async function startServer() {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cube-e2e-'))
   const port = await freePort()
   const log = fs.openSync(path.join(dataDir, 'server.log'), 'a')
+  // Own network slot names and addresses, so that this server can run next
+  // to another cube (make run) on the same machine.
+  const tag = Math.random().toString(36).slice(2, 7).replace(/^[0-9]/, 'x')
+  const env = { ...process.env, CUBE_SLOT_PREFIX: 'e' + tag, CUBE_SLOT_HOST_RANGE: `10.${217 + (port % 8)}.${port % 256}.0/24` }
   const proc = spawn(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'server', '--listen', `127.0.0.1:${port}`],
-    { stdio: ['ignore', 'pipe', log] })
+    { stdio: ['ignore', 'pipe', log], env })
   let out = ''
   const exited = new Promise((resolve) => proc.on('exit', resolve))
-  const env = await new Promise((resolve, reject) => {
+  const srv = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('cube server did not start in 15 min; see ' + dataDir + '/server.log')), 900_000)
     proc.stdout.on('data', (d) => {
       out += d
@@ -50,19 +54,20 @@ export async function startServer() {
   const key2 = execFileSync(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'key', 'create', '--name', 'second'], { stdio: ['ignore', 'pipe', 'ignore'] })
     .toString().trim()
   // What the user exports (recipe A of the compatibility spec).
-  process.env.E2B_API_URL = env.url
-  process.env.E2B_SANDBOX_URL = env.url
-  process.env.E2B_API_KEY = env.key
-  await waitHealthy(env.url)
+  process.env.E2B_API_URL = srv.url
+  process.env.E2B_SANDBOX_URL = srv.url
+  process.env.E2B_API_KEY = srv.key
+  await waitHealthy(srv.url)
+  const env2 = srv
   return {
-    ...env, key2, dataDir, proc,
+    ...srv, key2, dataDir, proc,
     async stop() {
       // Kill what is left so nothing outlives the test, then stop.
-      for (const key of [env.key, key2]) {
+      for (const key of [env2.key, key2]) {
         try {
-          const res = await fetch(env.url + '/v2/sandboxes?limit=100', { headers: { 'X-API-KEY': key } })
+          const res = await fetch(env2.url + '/v2/sandboxes?limit=100', { headers: { 'X-API-KEY': key } })
           for (const s of await res.json()) {
-            await fetch(env.url + '/sandboxes/' + s.sandboxID, { method: 'DELETE', headers: { 'X-API-KEY': key } })
+            await fetch(env2.url + '/sandboxes/' + s.sandboxID, { method: 'DELETE', headers: { 'X-API-KEY': key } })
           }
         } catch { }
       }
