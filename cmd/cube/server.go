@@ -76,7 +76,7 @@ func apiURL(listen string, tls bool) string {
 	return scheme + "://" + net.JoinHostPort(host, port)
 }
 
-var noNetwork bool
+var useNetSlots bool
 
 // defaultKeyFile keeps the key created on first start (mode 0600) so that
 // later starts can print the exports again.
@@ -115,7 +115,7 @@ func init() {
 		f.StringVar(&dbURL, "database-url", "", "store: empty = SQLite in the data dir, or postgres://...")
 		f.StringVar(&rtName, "runtime", "auto", "sandbox runtime: auto, gvisor or microvm")
 		f.IntVar(&maxSandboxes, "max-sandboxes", 64, "sandboxes this node runs at once (paused ones excluded)")
-		f.BoolVar(&noNetwork, "no-network", false, "no network slots: sandboxes get a loopback-only namespace and no egress policy")
+		f.BoolVar(&useNetSlots, "network-slots", false, "give each sandbox a network slot (internal/network) with its egress policy; off: a loopback-only namespace per sandbox and the policy is only stored")
 		return c
 	})
 }
@@ -134,7 +134,7 @@ func runServer(cmd *cobra.Command, cfg config.Config) error {
 	defer rt.Close()
 	log.Info("runtime", "name", rt.Name())
 	var slots node.Slots
-	if !noNetwork {
+	if useNetSlots {
 		for _, p := range slotProviders {
 			sl, closeSlots, err := p(ctx, cfg, log)
 			if err != nil {

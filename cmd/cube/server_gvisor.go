@@ -35,7 +35,7 @@ func init() {
 	slotProviders = append(slotProviders, func(ctx context.Context, c config.Config, log *slog.Logger) (node.Slots, func(), error) {
 		m, err := network.NewManager(c, log.With("component", "network"))
 		if err != nil {
-			return nil, nil, errs.Wrap(errs.KindOf(err), err, "network slots (run with --no-network to do without)")
+			return nil, nil, errs.Wrap(errs.KindOf(err), err, "network slots (run without --network-slots to do without)")
 		}
 		return netSlots{m}, func() { m.Close() }, nil
 	})
