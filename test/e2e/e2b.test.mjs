@@ -155,6 +155,25 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     assert.doesNotMatch(cube('ls'), new RegExp(id))
   })
 
+  test('SIGKILL of cube server: running sandboxes re-adopted, paused ones resumable', async () => {
+    const run = await Sandbox.create('base', { metadata: { crash: 'run' } })
+    const pau = await Sandbox.create('base', { metadata: { crash: 'pause' } })
+    await run.files.write('/home/user/state.txt', 'survives')
+    const bg = await run.commands.run('sleep 600', { background: true })
+    await pau.files.write('/home/user/state.txt', 'paused state')
+    await pau.pause()
+    await srv.restart('SIGKILL')
+    const info = await Sandbox.getInfo(run.sandboxId)
+    assert.equal(info.state, 'running')
+    assert.equal(await run.files.read('/home/user/state.txt'), 'survives')
+    assert.ok((await run.commands.list()).some((p) => p.pid === bg.pid), 'background process survives the restart')
+    assert.equal((await Sandbox.getInfo(pau.sandboxId)).state, 'paused')
+    const back = await Sandbox.connect(pau.sandboxId)
+    assert.equal(await back.files.read('/home/user/state.txt'), 'paused state')
+    assert.equal(await run.kill(), true)
+    assert.equal(await back.kill(), true)
+  })
+
   test('e2b 2.45 (v1 routes): create, commands, connect, kill', async () => {
     const sbx = await Sandbox245.create('base')
     const r = await sbx.commands.run('echo v1')
