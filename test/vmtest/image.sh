@@ -23,7 +23,9 @@ root=$work/initrd
 rm -rf "$root" && mkdir -p "$root"/{bin,sbin,lib/modules,vmtest/guest,etc,root}
 
 # Static Go binaries.
-(cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube" ./cmd/cube)
+# VMTEST_CUBE: use this (static) cube binary instead, e.g. another branch's.
+if [ -n "${VMTEST_CUBE:-}" ]; then cp "$VMTEST_CUBE" "$root/vmtest/cube"
+else (cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube" ./cmd/cube); fi
 (cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube-agent" ./cmd/cube-agent)
 (cd "$repo" && CGO_ENABLED=0 $GO test -c -tags vmtest -trimpath -o "$root/vmtest/vmtest.test" ./internal/vmtest)
 # The VMM packages' own tests, run again inside L1 on real KVM
