@@ -156,6 +156,8 @@ type Queue struct {
 	max    uint16
 	mem    devices.GuestMemory
 	signal func(q *Queue) // raises the used-buffer interrupt
+	// onBroken is told (on its own goroutine) when the queue breaks.
+	onBroken func(q *Queue)
 
 	notified chan struct{} // a token on every guest notification
 
@@ -164,11 +166,15 @@ type Queue struct {
 	QueueState
 	eventIdx bool
 	broken   bool
+	paused   bool       // Pop and Drain hand out nothing
+	inflight int        // chains popped and not yet pushed
+	idle     *sync.Cond // on mu: inflight reached 0
 }
 
 func newQueue(index int, max uint16, mem devices.GuestMemory, signal func(*Queue)) *Queue {
 	q := &Queue{index: index, max: max, mem: mem, signal: signal, notified: make(chan struct{}, 1)}
 	q.QueueState.Size = max
+	q.idle = sync.NewCond(&q.mu)
 	return q
 }
 
@@ -191,7 +197,46 @@ func (q *Queue) reset() {
 	q.QueueState = QueueState{Size: q.max}
 	q.eventIdx = false
 	q.broken = false
+	q.inflight = 0
+	q.idle.Broadcast()
 	q.mu.Unlock()
+}
+
+// markBroken records a ring the driver corrupted. Called with mu held.
+func (q *Queue) markBroken() {
+	if !q.broken && q.onBroken != nil {
+		go q.onBroken(q)
+	}
+	q.broken = true
+}
+
+// pause stops the queue handing out chains and waits until every chain
+// handed out has been returned, so guest memory and the queue state stay
+// still for a snapshot.
+func (q *Queue) pause() {
+	q.mu.Lock()
+	q.paused = true
+	for q.inflight > 0 {
+		q.idle.Wait()
+	}
+	q.mu.Unlock()
+}
+
+func (q *Queue) resume() {
+	q.mu.Lock()
+	q.paused = false
+	q.mu.Unlock()
+	q.poke()
+}
+
+// done accounts for a returned chain. Called with mu held.
+func (q *Queue) done() {
+	if q.inflight > 0 {
+		q.inflight--
+		if q.inflight == 0 {
+			q.idle.Broadcast()
+		}
+	}
 }
 
 func (q *Queue) state() QueueState {
@@ -245,7 +290,7 @@ func (q *Queue) pending() (bool, error) {
 	}
 	idx := q.availIdx()
 	if d := idx - q.LastAvail; d > q.Size {
-		q.broken = true
+		q.markBroken()
 		return false, ErrQueueBroken
 	} else if d > 0 {
 		return true, nil
@@ -271,7 +316,7 @@ func (q *Queue) pop() (*Chain, error) {
 	head := Load16(q.mem, q.Avail+4+2*slot)
 	if head >= q.Size {
 		// There is no descriptor to give back: the ring is unusable.
-		q.broken = true
+		q.markBroken()
 		return nil, ErrQueueBroken
 	}
 	q.LastAvail++
@@ -414,16 +459,22 @@ func (q *Queue) needInterrupt() bool {
 	return q.availFlags()&availFNoInterrupt == 0
 }
 
-// Pop takes the next available chain, or returns nil if there is none.
+// Pop takes the next available chain, or returns nil if there is none
+// (or the queue is paused). Every chain Pop returns must be given back
+// with Push or Put promptly: Pause waits for them.
 // On a malformed chain it returns the (already returned) chain's head in
 // a Chain with no buffers and an error wrapping ErrBadChain.
 func (q *Queue) Pop() (*Chain, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if !q.Ready {
+	if !q.Ready || q.paused {
 		return nil, nil
 	}
-	return q.pop()
+	c, err := q.pop()
+	if c != nil && err == nil {
+		q.inflight++
+	}
+	return c, err
 }
 
 // Push returns a chain to the driver and raises the interrupt if the
@@ -435,6 +486,7 @@ func (q *Queue) Push(c *Chain, written uint32) {
 		return
 	}
 	q.pushLocked(c.Head, written)
+	q.done()
 	need := q.needInterrupt()
 	q.mu.Unlock()
 	if need {
@@ -452,7 +504,7 @@ type Handler func(c *Chain) uint32
 // The loop is bounded by the queue size per pass over the ring.
 func (q *Queue) Drain(h Handler) (served int, err error) {
 	q.mu.Lock()
-	if !q.Ready {
+	if !q.Ready || q.paused {
 		q.mu.Unlock()
 		return 0, nil
 	}
@@ -487,6 +539,7 @@ func (q *Queue) Put(c *Chain, written uint32) {
 	defer q.mu.Unlock()
 	if q.Ready {
 		q.pushLocked(c.Head, written)
+		q.done()
 	}
 }
 
@@ -499,4 +552,28 @@ func (q *Queue) Interrupt() {
 	if need {
 		q.signal(q)
 	}
+}
+
+// Unpop gives back the last n chains taken with Pop and not yet pushed,
+// in reverse order of popping, as if they had never been taken (the
+// driver still owns them and has not been told anything). Only a device
+// that is the sole consumer of the queue may use it, e.g. to wait for
+// enough buffers for one frame without holding some.
+func (q *Queue) Unpop(n int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n <= 0 || n > q.inflight {
+		return
+	}
+	q.LastAvail -= uint16(n)
+	for i := 0; i < n; i++ {
+		q.done()
+	}
+}
+
+// Len is the queue size the driver chose.
+func (q *Queue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return int(q.Size)
 }

@@ -390,3 +390,28 @@ func TestSnapshotRestore(t *testing.T) {
 		}
 	}
 }
+
+func TestPauseResume(t *testing.T) {
+	d, tr := newRNG(t, virtio.Options{})
+	if err := d.Init(all, 1, 16); err != nil {
+		t.Fatal(err)
+	}
+	q := d.Queues[0]
+	tr.Pause()
+	q.Add(vt.W(4))
+	q.Kick()
+	if q.UsedIdx() != 0 {
+		t.Fatalf("paused device used a buffer")
+	}
+	st, err := tr.SaveState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(st, []byte(`"last_avail":1`)) {
+		t.Errorf("paused queue consumed a chain: %s", st)
+	}
+	tr.Resume()
+	if q.UsedIdx() != 1 {
+		t.Fatalf("notification during pause not served on resume")
+	}
+}

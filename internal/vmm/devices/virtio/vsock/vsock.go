@@ -32,6 +32,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -183,6 +184,7 @@ type Device struct {
 	nextPort  uint32
 	evPending bool
 	closed    bool
+	handshake map[*net.UnixConn]bool // host conns still sending CONNECT
 
 	wg     sync.WaitGroup // connection goroutines
 	pumpWG sync.WaitGroup
@@ -194,7 +196,7 @@ func New(cfg Config) (*Device, error) {
 		return nil, fmt.Errorf("vsock: bad guest CID %d", cfg.GuestCID)
 	}
 	d := &Device{cfg: cfg, log: cfg.Log, kick: make(chan struct{}, 1), conns: map[key]*conn{},
-		nextPort: firstHostPort}
+		nextPort: firstHostPort, handshake: map[*net.UnixConn]bool{}}
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
@@ -214,6 +216,9 @@ func New(cfg Config) (*Device, error) {
 func (d *Device) Close() error {
 	d.mu.Lock()
 	d.closed = true
+	for uc := range d.handshake {
+		uc.Close()
+	}
 	d.mu.Unlock()
 	if d.ln != nil {
 		d.ln.Close()
@@ -395,7 +400,7 @@ func (d *Device) handleTx(h *Hdr, ch *virtio.Chain) {
 		}
 		if h.Len > 0 {
 			start := len(c.txBuf)
-			c.txBuf = append(c.txBuf, make([]byte, h.Len)...)
+			c.txBuf = slices.Grow(c.txBuf, int(h.Len))[:start+int(h.Len)]
 			ch.ReadAt(c.txBuf[start:], HdrSize)
 			c.txCnt += h.Len
 		}
@@ -503,8 +508,19 @@ func ParseConnect(line string) (uint32, error) {
 
 // hostConnect runs the host side of a CONNECT handshake.
 func (d *Device) hostConnect(uc *net.UnixConn) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		uc.Close()
+		return
+	}
+	d.handshake[uc] = true
+	d.mu.Unlock()
 	uc.SetDeadline(time.Now().Add(HandshakeTimeout))
 	line, err := readLine(uc)
+	d.mu.Lock()
+	delete(d.handshake, uc)
+	d.mu.Unlock()
 	if err != nil {
 		uc.Close()
 		return
