@@ -11,7 +11,9 @@ fuzz-vmm:
 	$(GO) test -run '^$$' -fuzz '^FuzzLoadKernel$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/boot
 	$(GO) test -run '^$$' -fuzz '^FuzzUART$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/devices/serial
 	$(GO) test -run '^$$' -fuzz '^FuzzI8042$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/devices/i8042
+	$(GO) test -run '^$$' -fuzz '^FuzzCMOS$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/devices/legacy
 	$(GO) test -run '^$$' -fuzz '^FuzzServer$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/vmmapi
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDisk$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/vmmapi
 
 bench-vmm: build
 	$(BIN)/cube bench vmm

@@ -8,6 +8,7 @@ package vmmapi
 //	POST /pause    -> Status
 //	POST /resume   -> Status
 //	POST /stop     -> Status   (the process exits after replying)
+//	GET  /debug/vcpus -> []VCPURegs (briefly pauses a running VM)
 //	POST /snapshot, POST /restore -> 501 (issue 7)
 //
 // Errors are {"error": {"kind": "...", "message": "..."}} with the HTTP
@@ -42,6 +43,20 @@ type Metrics struct {
 	VCPUs         int               `json:"vcpus"`
 	MemBytes      uint64            `json:"mem_bytes"`
 	RSSBytes      uint64            `json:"rss_bytes"`
+}
+
+// VCPURegs is a debugging view of one vCPU (GET /debug/vcpus).
+type VCPURegs struct {
+	ID      int    `json:"id"`
+	RIP     uint64 `json:"rip"`
+	RSP     uint64 `json:"rsp"`
+	RFLAGS  uint64 `json:"rflags"`
+	CR0     uint64 `json:"cr0"`
+	CR3     uint64 `json:"cr3"`
+	CR4     uint64 `json:"cr4"`
+	EFER    uint64 `json:"efer"`
+	CS      uint16 `json:"cs"`
+	MPState uint32 `json:"mp_state"`
 }
 
 // ErrorBody is the error envelope.

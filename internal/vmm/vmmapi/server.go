@@ -20,6 +20,8 @@ type Controller interface {
 	Stop() error
 	Status() Status
 	Metrics() Metrics
+	// VCPUs reads every vCPU's registers (debugging).
+	VCPUs() ([]VCPURegs, error)
 }
 
 // Server serves the control protocol.
@@ -40,6 +42,14 @@ func NewServer(ctl Controller, log *slog.Logger) *Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) { reply(w, ctl.Status()) })
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) { reply(w, ctl.Metrics()) })
+	mux.HandleFunc("GET /debug/vcpus", func(w http.ResponseWriter, r *http.Request) {
+		v, err := ctl.VCPUs()
+		if err != nil {
+			replyErr(w, err)
+			return
+		}
+		reply(w, v)
+	})
 	mux.HandleFunc("POST /start", s.action(ctl.Start))
 	mux.HandleFunc("POST /pause", s.action(ctl.Pause))
 	mux.HandleFunc("POST /resume", s.action(ctl.Resume))
