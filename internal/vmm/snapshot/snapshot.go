@@ -482,6 +482,24 @@ func Restore(dir string, spec machine.Spec) (*machine.Machine, *State, error) {
 // RestoreState is Restore with the state already loaded (pools keep the
 // decoded state of a template in memory).
 func RestoreState(dir string, s *State, spec machine.Spec) (*machine.Machine, error) {
+	m, err := Prepare(dir, s, spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := Apply(m.VM, s); err != nil {
+		m.VM.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// Prepare does every step of a restore that does not depend on the
+// snapshot's CPU and device state: create the KVM VM, irqchip, PIT and
+// vCPUs, map guest memory (and layers) MAP_PRIVATE, attach the devices.
+// A pre-started VMM prepares ahead of time (these steps wait for kernel
+// RCU grace periods and cost milliseconds on a busy host); Apply and
+// Start are then all a restore request has left to do.
+func Prepare(dir string, s *State, spec machine.Spec) (*machine.Machine, error) {
 	spec.MemSize = s.Meta.MemSize
 	spec.VCPUs = s.Meta.VCPUs
 	spec.MemMode = vm.MemFilePrivate
@@ -496,7 +514,7 @@ func RestoreState(dir string, s *State, spec machine.Spec) (*machine.Machine, er
 		m.VM.Close()
 		return nil, err
 	}
-	if err := Apply(m.VM, s); err != nil {
+	if err := s.Check(m.VM); err != nil {
 		m.VM.Close()
 		return nil, err
 	}
