@@ -24,6 +24,10 @@ type Controller struct {
 	// Spec returns the device set for a restore (it must match the one
 	// the snapshot was taken with).
 	Spec func() machine.Spec
+	// Build, if set, builds the device set of a restore request that
+	// carries its own back-ends (RestoreRequest.Options); the returned
+	// func releases them after the VM is closed.
+	Build func(r vmmapi.RestoreRequest) (machine.Spec, func(), error)
 	// OnStop is called (once) after the VM was stopped on request.
 	OnStop func()
 
@@ -37,6 +41,7 @@ type Controller struct {
 	prepared    *machine.Machine
 	preparedDir string
 	preparedSt  *State
+	cleanups    []func()
 }
 
 // Prepare readies a restore of the snapshot in dir (see Prepare): a
@@ -70,6 +75,10 @@ func (c *Controller) Close() {
 		c.prepared.VM.Close()
 		c.prepared = nil
 	}
+	for _, f := range c.cleanups {
+		f()
+	}
+	c.cleanups = nil
 }
 
 var (
@@ -83,6 +92,13 @@ func (c *Controller) Attach(m *machine.Machine) {
 	defer c.mu.Unlock()
 	c.m = m
 	c.cmdline = m.Cmdline
+}
+
+// AddCleanup registers f to run on Close (device back-ends).
+func (c *Controller) AddCleanup(f func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cleanups = append(c.cleanups, f)
 }
 
 // Machine returns the current machine (nil before a restore).
@@ -256,6 +272,9 @@ func (c *Controller) Restore(r vmmapi.RestoreRequest) (vmmapi.RestoreReply, erro
 		return vmmapi.RestoreReply{}, errs.E(errs.Conflict, "this VMM already runs a vm")
 	}
 	c.mu.Unlock()
+	if r.Options != nil {
+		return c.restoreWith(r, t0)
+	}
 	if c.Spec == nil {
 		return vmmapi.RestoreReply{}, errs.E(errs.FailedPrecondition, "this VMM has no device spec for restores")
 	}
@@ -304,6 +323,46 @@ func (c *Controller) Restore(r vmmapi.RestoreRequest) (vmmapi.RestoreReply, erro
 			return vmmapi.RestoreReply{}, errs.Wrap(errs.Internal, err, "start restored vm")
 		}
 	}
+	return c.started(r, m, s, word, before, t0)
+}
+
+// restoreWith restores with the request's own device back-ends.
+func (c *Controller) restoreWith(r vmmapi.RestoreRequest, t0 time.Time) (vmmapi.RestoreReply, error) {
+	if c.Build == nil {
+		return vmmapi.RestoreReply{}, errs.E(errs.FailedPrecondition, "this VMM cannot build device back-ends")
+	}
+	c.mu.Lock()
+	if c.prepared != nil {
+		c.prepared.VM.Close()
+		c.prepared = nil
+	}
+	c.mu.Unlock()
+	s, err := loadCached(r.Dir)
+	if err != nil {
+		return vmmapi.RestoreReply{}, err
+	}
+	spec, cleanup, err := c.Build(r)
+	if err != nil {
+		return vmmapi.RestoreReply{}, errs.Wrap(errs.InvalidArgument, err, "restore devices")
+	}
+	m, err := RestoreState(r.Dir, s, spec)
+	if err != nil {
+		cleanup()
+		return vmmapi.RestoreReply{}, err
+	}
+	c.mu.Lock()
+	c.cleanups = append(c.cleanups, cleanup)
+	c.mu.Unlock()
+	if !r.Paused {
+		if err := m.VM.Start(); err != nil {
+			m.VM.Close()
+			return vmmapi.RestoreReply{}, errs.Wrap(errs.Internal, err, "start restored vm")
+		}
+	}
+	return c.started(r, m, s, nil, 0, t0)
+}
+
+func (c *Controller) started(r vmmapi.RestoreRequest, m *machine.Machine, s *State, word []byte, before uint64, t0 time.Time) (vmmapi.RestoreReply, error) {
 	c.mu.Lock()
 	c.m, c.from, c.base, c.cmdline = m, r.Dir, s, m.Cmdline
 	c.mu.Unlock()

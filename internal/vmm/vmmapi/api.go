@@ -83,6 +83,13 @@ type RestoreRequest struct {
 	WaitWord uint64 `json:"wait_word,omitempty"`
 	// Paused restores without starting the vCPUs.
 	Paused bool `json:"paused,omitempty"`
+	// Options, if set, are this restore's device back-ends (disk
+	// overlay, tap, vsock socket); they must describe the same device set
+	// as the snapshot. Without them the VMM uses its own (prepared) set.
+	Options *Options `json:"options,omitempty"`
+	// TapNetns is the network namespace (path) the tap named in
+	// Options.TapName lives in.
+	TapNetns string `json:"tap_netns,omitempty"`
 }
 
 // RestoreReply reports a restore.
