@@ -89,8 +89,8 @@ type record struct {
 	Resources  runtime.Resources `json:"resources"`
 	Labels     map[string]string `json:"labels,omitempty"`
 	// Base is the rootfs image, Snap the snapshot dir the VM runs from.
-	Base string `json:"base"`
-	Snap string `json:"snap"`
+	Base string            `json:"base"`
+	Snap string            `json:"snap"`
 	Env  map[string]string `json:"env,omitempty"`
 	// Token is the envd access token (kept to re-init after resume).
 	Token string `json:"token,omitempty"`
@@ -298,8 +298,8 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	}
 	o := vmmapi.Options{
 		Kernel: r.o.Kernel, Cmdline: cl, MemMiB: mem, VCPUs: cpus,
-		Disks:    []vmmapi.Disk{{Base: base, Overlay: filepath.Join(dir, "disk.overlay")}},
-		TapName:  vmmspec.PrivateTap, MAC: defaultMAC,
+		Disks:   []vmmapi.Disk{{Base: base, Overlay: filepath.Join(dir, "disk.overlay")}},
+		TapName: vmmspec.PrivateTap, MAC: defaultMAC,
 		VsockUDS: filepath.Join(dir, "vsock.sock"), VsockCID: guestCID, RNG: true,
 		SerialLog: filepath.Join(dir, "serial.log"),
 	}
@@ -471,8 +471,8 @@ func (r *Runtime) run(ctx context.Context, sb *sandbox) error {
 	uds := filepath.Join(sb.dir, "vsock.sock")
 	os.Remove(uds)
 	o := vmmapi.Options{MemMiB: rec.Resources.MemoryMB, VCPUs: rec.Resources.CPUCount,
-		Disks:    []vmmapi.Disk{{Base: rec.Base, Overlay: filepath.Join(sb.dir, "disk.overlay")}},
-		TapName:  tap, MAC: mac, VsockUDS: uds, VsockCID: guestCID, RNG: true}
+		Disks:   []vmmapi.Disk{{Base: rec.Base, Overlay: filepath.Join(sb.dir, "disk.overlay")}},
+		TapName: tap, MAC: mac, VsockUDS: uds, VsockCID: guestCID, RNG: true}
 	if _, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: rec.Snap, Options: &o, TapNetns: netns}); err != nil {
 		v.kill()
 		return err
