@@ -4,6 +4,9 @@
 set -euo pipefail
 missing=()
 for p in "$@"; do
+  # A tool already on PATH under the package's name (e.g. npm bundled with
+  # a nodejs build) counts as installed: never fight another packaging.
+  command -v "$p" >/dev/null 2>&1 && continue
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -83,7 +83,7 @@ func newBenchNet() *cobra.Command {
 			defer cold.Purge()
 
 			ctx := context.Background()
-			var poolT, coldT []time.Duration
+			var poolT, coldT, relT []time.Duration
 			for round := 0; round < 3; round++ {
 				for deadline := time.Now().Add(60 * time.Second); pool.Stats().Pool < slots; time.Sleep(5 * time.Millisecond) {
 					if time.Now().After(deadline) {
@@ -101,7 +101,11 @@ func newBenchNet() *cobra.Command {
 					ids = append(ids, s.ID)
 				}
 				for _, id := range ids {
-					_ = pool.Release(ctx, id)
+					t0 := time.Now()
+					if err := pool.Release(ctx, id); err != nil {
+						return err
+					}
+					relT = append(relT, time.Since(t0))
 				}
 			}
 			for i := 0; i < slots; i++ {
@@ -117,6 +121,7 @@ func newBenchNet() *cobra.Command {
 			fmt.Fprintf(tw, "slot acquire\tn\tp50\tp99\n")
 			fmt.Fprintf(tw, "from pool\t%d\t%v\t%v\n", len(poolT), pct(poolT, 50), pct(poolT, 99))
 			fmt.Fprintf(tw, "cold creation (peer)\t%d\t%v\t%v\n", len(coldT), pct(coldT, 50), pct(coldT, 99))
+			fmt.Fprintf(tw, "release (returns; wipe runs behind)\t%d\t%v\t%v\n", len(relT), pct(relT, 50), pct(relT, 99))
 			tw.Flush()
 			fmt.Fprintf(out, "pool acquire is %.0fx faster than cold creation (p50)\n\n", float64(pct(coldT, 50))/float64(max(pct(poolT, 50), 1)))
 
@@ -126,6 +131,32 @@ func newBenchNet() *cobra.Command {
 				return err
 			}
 			defer pool.Release(ctx, s.ID)
+
+			// Policy updates: 10,000 entries vs one.
+			big := make([]string, 0, network.MaxPolicyEntries)
+			for i := 0; i < network.MaxPolicyEntries; i++ {
+				big = append(big, fmt.Sprintf("203.%d.%d.%d", i/65536%256, i/256%256, i%256*7%256))
+			}
+			var oneT, bigT []time.Duration
+			for i := 0; i < 10; i++ {
+				for _, x := range []struct {
+					p  network.Policy
+					ts *[]time.Duration
+				}{{network.Policy{DenyOut: []string{"203.0.113.1"}}, &oneT}, {network.Policy{DenyOut: big}, &bigT}} {
+					t0 := time.Now()
+					if err := pool.SetPolicy(s.ID, x.p); err != nil {
+						return err
+					}
+					*x.ts = append(*x.ts, time.Since(t0))
+				}
+			}
+			_ = pool.SetPolicy(s.ID, network.Policy{})
+			tw = tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "SetPolicy\tn\tp50\tp99\n")
+			fmt.Fprintf(tw, "10,000 denyOut entries\t%d\t%v\t%v\n", len(bigT), pct(bigT, 50), pct(bigT, 99))
+			fmt.Fprintf(tw, "1 entry (peer)\t%d\t%v\t%v\n", len(oneT), pct(oneT, 50), pct(oneT, 99))
+			tw.Flush()
+			fmt.Fprintln(out)
 			body := []byte("ok")
 			h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(body) })
 			gns, err := netns.GetFromPath(s.NetnsPath)

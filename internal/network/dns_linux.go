@@ -3,6 +3,8 @@
 package network
 
 import (
+	"encoding/binary"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -24,6 +26,7 @@ import (
 type dnsForwarder struct {
 	s        *slot
 	conn     *net.UDPConn
+	tcp      net.Listener
 	upstream string
 	log      *slog.Logger
 	sem      chan struct{}
@@ -60,34 +63,114 @@ func startDNS(s *slot, upstream string, log *slog.Logger) (*dnsForwarder, error)
 	d.setPolicy(s.comp)
 	err := inNS(s.ns, func() error {
 		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: GatewayIP.AsSlice(), Port: 53})
+		if err != nil {
+			return err
+		}
 		d.conn = c
-		return err
+		l, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: GatewayIP.AsSlice(), Port: 53})
+		if err != nil {
+			c.Close()
+			return err
+		}
+		d.tcp = l
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	go d.serve()
+	go d.serveTCP()
 	return d, nil
 }
 
-func (d *dnsForwarder) close() { d.conn.Close() }
+func (d *dnsForwarder) close() {
+	d.conn.Close()
+	d.tcp.Close()
+}
 
-// setPolicy installs new patterns and returns the learned addresses that
-// still match them (to be re-added to the fresh set).
-func (d *dnsForwarder) setPolicy(c compiled) []nftables.SetElement {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.domains, d.denyAll = c.domains, c.denyAll
-	var keep []nftables.SetElement
-	now := time.Now()
-	for a, l := range d.learned {
-		if l.exp.Before(now) || !matchDomain(d.domains, l.name) {
-			delete(d.learned, a)
+// serveTCP serves DNS over TCP (RFC 7766 framing), one query at a time per
+// connection, forwarded over TCP.
+func (d *dnsForwarder) serveTCP() {
+	for {
+		c, err := d.tcp.Accept()
+		if err != nil {
+			return
+		}
+		select {
+		case d.sem <- struct{}{}:
+		default:
+			c.Close()
 			continue
 		}
-		keep = append(keep, nftables.SetElement{Key: ip4(a), Timeout: l.exp.Sub(now).Round(time.Second) + time.Second})
+		go func() {
+			defer func() { <-d.sem }()
+			defer c.Close()
+			for {
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				q, err := readTCPMsg(c)
+				if err != nil {
+					return
+				}
+				resp := d.handle(q, true)
+				if resp == nil {
+					return
+				}
+				if err := writeTCPMsg(c, resp); err != nil {
+					return
+				}
+			}
+		}()
 	}
-	return keep
+}
+
+func readTCPMsg(r io.Reader) ([]byte, error) {
+	var l [2]byte
+	if _, err := io.ReadFull(r, l[:]); err != nil {
+		return nil, err
+	}
+	b := make([]byte, binary.BigEndian.Uint16(l[:]))
+	_, err := io.ReadFull(r, b)
+	return b, err
+}
+
+func writeTCPMsg(w io.Writer, m []byte) error {
+	b := make([]byte, 2+len(m))
+	binary.BigEndian.PutUint16(b, uint16(len(m)))
+	copy(b[2:], m)
+	_, err := w.Write(b)
+	return err
+}
+
+// setPolicy installs new patterns (no kernel change: at start).
+func (d *dnsForwarder) setPolicy(c compiled) {
+	d.mu.Lock()
+	d.domains, d.denyAll = c.domains, c.denyAll
+	d.mu.Unlock()
+}
+
+// update runs apply (the nftables transaction that replaces the policy and
+// refills the DNS set with keep, the learned addresses still allowed) and
+// then installs the new patterns, all under the forwarder's lock, so an
+// answer being snooped concurrently is judged entirely by the old or
+// entirely by the new policy.
+func (d *dnsForwarder) update(c compiled, apply func(keep []nftables.SetElement) error) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var keep []nftables.SetElement
+	now := time.Now()
+	still := map[netip.Addr]learned{}
+	for a, l := range d.learned {
+		if l.exp.After(now) && matchDomain(c.domains, l.name) {
+			still[a] = l
+			keep = append(keep, nftables.SetElement{Key: ip4(a), Timeout: l.exp.Sub(now).Round(time.Second) + time.Second})
+		}
+	}
+	if err := apply(keep); err != nil {
+		return err
+	}
+	d.learned = still
+	d.domains, d.denyAll = c.domains, c.denyAll
+	return nil
 }
 
 func (d *dnsForwarder) reset() {
@@ -111,7 +194,7 @@ func (d *dnsForwarder) serve() {
 		}
 		go func() {
 			defer func() { <-d.sem }()
-			if resp := d.handle(q); resp != nil {
+			if resp := d.handle(q, false); resp != nil {
 				_, _ = d.conn.WriteToUDPAddrPort(resp, from)
 			}
 		}()
@@ -119,7 +202,7 @@ func (d *dnsForwarder) serve() {
 }
 
 // handle returns the response to send to the guest (nil = none).
-func (d *dnsForwarder) handle(q []byte) []byte {
+func (d *dnsForwarder) handle(q []byte, tcp bool) []byte {
 	hdr, qs, name, resp := parseQuery(q)
 	if resp != nil || name == "" {
 		return resp
@@ -131,13 +214,19 @@ func (d *dnsForwarder) handle(q []byte) []byte {
 	if denyAll && !allowed {
 		return refuse(hdr, qs, dnsmessage.RCodeRefused)
 	}
-	resp, err := d.exchange(q)
+	resp, err := d.exchange(q, tcp)
 	if err != nil {
 		return refuse(hdr, qs, dnsmessage.RCodeServerFailure)
 	}
 	if allowed {
 		addrs, ttl := answerA(resp)
 		if len(addrs) > 0 {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if !matchDomain(d.domains, name) {
+				// The policy changed while the query was upstream.
+				return refuse(hdr, qs, dnsmessage.RCodeRefused)
+			}
 			c, err := d.s.nft()
 			if err == nil {
 				err = addDNSAddrs(c, addrs, ttl)
@@ -146,11 +235,9 @@ func (d *dnsForwarder) handle(q []byte) []byte {
 				d.log.Warn("network: dns set", "slot", d.s.id, "err", err)
 				return refuse(hdr, qs, dnsmessage.RCodeServerFailure)
 			}
-			d.mu.Lock()
 			for _, a := range addrs {
 				d.learned[a] = learned{name: name, exp: time.Now().Add(ttl)}
 			}
-			d.mu.Unlock()
 		}
 	}
 	return resp
@@ -175,13 +262,23 @@ func parseQuery(q []byte) (dnsmessage.Header, []dnsmessage.Question, string, []b
 	return hdr, qs, name, nil
 }
 
-func (d *dnsForwarder) exchange(q []byte) ([]byte, error) {
-	c, err := net.DialTimeout("udp", d.upstream, 2*time.Second)
+func (d *dnsForwarder) exchange(q []byte, tcp bool) ([]byte, error) {
+	network := "udp"
+	if tcp {
+		network = "tcp"
+	}
+	c, err := net.DialTimeout(network, d.upstream, 2*time.Second)
 	if err != nil {
 		return nil, err
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if tcp {
+		if err := writeTCPMsg(c, q); err != nil {
+			return nil, err
+		}
+		return readTCPMsg(c)
+	}
 	if _, err := c.Write(q); err != nil {
 		return nil, err
 	}

@@ -244,12 +244,43 @@ func (e *testEnv) setupInternet() error {
 		}
 		e.closers = append(e.closers, func() { dns.Close() })
 		go e.serveDNS(dns)
+		dnsT, err := net.Listen("tcp4", netip.AddrPortFrom(e.inetA, 53).String())
+		if err != nil {
+			return err
+		}
+		e.closers = append(e.closers, func() { dnsT.Close() })
+		go e.serveDNSTCP(dnsT)
 		return nil
 	})
 }
 
-// serveDNS: www.allowed.test and allowed.test -> inetB, anything else
-// under .test -> inetA.
+// dnsAnswer: www.allowed.test and allowed.test -> inetB, anything else
+// -> inetA.
+func (e *testEnv) dnsAnswer(q []byte) []byte {
+	var p dnsmessage.Parser
+	h, err := p.Start(q)
+	if err != nil {
+		return nil
+	}
+	qq, err := p.Question()
+	if err != nil {
+		return nil
+	}
+	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true})
+	_ = b.StartQuestions()
+	_ = b.Question(qq)
+	_ = b.StartAnswers()
+	ip := e.inetA
+	if qq.Name.String() == "www.allowed.test." || qq.Name.String() == "allowed.test." {
+		ip = e.inetB
+	}
+	if qq.Type == dnsmessage.TypeA {
+		_ = b.AResource(dnsmessage.ResourceHeader{Name: qq.Name, Class: dnsmessage.ClassINET, TTL: 60}, dnsmessage.AResource{A: ip.As4()})
+	}
+	out, _ := b.Finish()
+	return out
+}
+
 func (e *testEnv) serveDNS(c *net.UDPConn) {
 	buf := make([]byte, 1500)
 	for {
@@ -257,28 +288,30 @@ func (e *testEnv) serveDNS(c *net.UDPConn) {
 		if err != nil {
 			return
 		}
-		var p dnsmessage.Parser
-		h, err := p.Start(buf[:n])
+		if out := e.dnsAnswer(buf[:n]); out != nil {
+			_, _ = c.WriteToUDPAddrPort(out, from)
+		}
+	}
+}
+
+func (e *testEnv) serveDNSTCP(l net.Listener) {
+	for {
+		c, err := l.Accept()
 		if err != nil {
-			continue
+			return
 		}
-		q, err := p.Question()
-		if err != nil {
-			continue
-		}
-		b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true})
-		_ = b.StartQuestions()
-		_ = b.Question(q)
-		_ = b.StartAnswers()
-		ip := e.inetA
-		if q.Name.String() == "www.allowed.test." || q.Name.String() == "allowed.test." {
-			ip = e.inetB
-		}
-		if q.Type == dnsmessage.TypeA {
-			_ = b.AResource(dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 60}, dnsmessage.AResource{A: ip.As4()})
-		}
-		out, _ := b.Finish()
-		_, _ = c.WriteToUDPAddrPort(out, from)
+		go func() {
+			defer c.Close()
+			for {
+				q, err := readTCPMsg(c)
+				if err != nil {
+					return
+				}
+				if err := writeTCPMsg(c, e.dnsAnswer(q)); err != nil {
+					return
+				}
+			}
+		}()
 	}
 }
 
@@ -323,32 +356,51 @@ func httpGet(ns netns.NsHandle, url string) (string, error) {
 	return string(b), err
 }
 
-// resolveIn asks the slot's DNS forwarder from inside the guest.
+// resolveIn asks the slot's DNS forwarder from inside the guest (UDP).
 func resolveIn(ns netns.NsHandle, name string) ([]netip.Addr, dnsmessage.RCode, error) {
+	return resolveVia(ns, name, false)
+}
+
+func resolveVia(ns netns.NsHandle, name string, tcp bool) ([]netip.Addr, dnsmessage.RCode, error) {
 	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: 77, RecursionDesired: true})
 	_ = b.StartQuestions()
 	_ = b.Question(dnsmessage.Question{Name: dnsmessage.MustNewName(name + "."), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET})
 	q, _ := b.Finish()
-	c, err := dialFrom(ns, "udp4", netip.AddrPortFrom(GatewayIP, 53).String(), time.Second)
+	network := "udp4"
+	if tcp {
+		network = "tcp4"
+	}
+	c, err := dialFrom(ns, network, netip.AddrPortFrom(GatewayIP, 53).String(), time.Second)
 	if err != nil {
 		return nil, 0, err
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
-	if _, err := c.Write(q); err != nil {
-		return nil, 0, err
-	}
-	buf := make([]byte, 1500)
-	n, err := c.Read(buf)
-	if err != nil {
-		return nil, 0, err
+	var resp []byte
+	if tcp {
+		if err := writeTCPMsg(c, q); err != nil {
+			return nil, 0, err
+		}
+		if resp, err = readTCPMsg(c); err != nil {
+			return nil, 0, err
+		}
+	} else {
+		if _, err := c.Write(q); err != nil {
+			return nil, 0, err
+		}
+		buf := make([]byte, 1500)
+		n, err := c.Read(buf)
+		if err != nil {
+			return nil, 0, err
+		}
+		resp = buf[:n]
 	}
 	var p dnsmessage.Parser
-	h, err := p.Start(buf[:n])
+	h, err := p.Start(resp)
 	if err != nil {
 		return nil, 0, err
 	}
-	addrs, _ := answerA(buf[:n])
+	addrs, _ := answerA(resp)
 	return addrs, h.RCode, nil
 }
 

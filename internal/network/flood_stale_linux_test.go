@@ -99,6 +99,9 @@ func TestStaleCleanupAndAdopt(t *testing.T) {
 			t.Fatal("pool did not refill")
 		}
 	}
+	if _, err := NewManagerWith(opts, testLogger()); err == nil {
+		t.Fatal("second manager with the same prefix accepted")
+	}
 	// "Crash": stop m1's goroutines without any cleanup of slots.
 	m1.crashForTest()
 
@@ -184,6 +187,10 @@ func (m *Manager) crashForTest() {
 	m.mu.Unlock()
 	close(m.done)
 	m.wg.Wait()
+	if m.reaper != nil {
+		m.reaper.Stop()
+	}
+	m.releaseLock() // the process died
 	for _, s := range all {
 		if s.dns != nil {
 			s.dns.close()

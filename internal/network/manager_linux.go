@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
@@ -35,6 +36,9 @@ type Options struct {
 	Mode        Mode
 	ConnRate    int    // new connections per second per slot; 0 = unlimited
 	DNSUpstream string // host:port
+	// AdoptGrace: orphans not adopted this long after start are reaped
+	// (0 = 2 minutes; negative = only by ReapStale).
+	AdoptGrace time.Duration
 }
 
 // Manager owns the slots of one cube process.
@@ -53,6 +57,8 @@ type Manager struct {
 	refill chan struct{}
 	done   chan struct{}
 	wg     sync.WaitGroup
+	lock   *os.File // flock on /run/cube/net-<prefix>.lock: one manager per prefix
+	reaper *time.Timer
 }
 
 var prefixRE = regexp.MustCompile(`^[a-z][a-z0-9]{0,7}$`)
@@ -103,17 +109,60 @@ func NewManagerWith(o Options, log *slog.Logger) (*Manager, error) {
 	}
 	m := &Manager{opts: o, log: log, used: map[int]bool{}, active: map[string]*slot{}, orphans: map[string]int{},
 		refill: make(chan struct{}, 1), done: make(chan struct{})}
+	if err := m.takeLock(); err != nil {
+		return nil, err
+	}
 	if err := m.checkRange(); err != nil {
+		m.releaseLock()
 		return nil, err
 	}
 	if err := m.setupHost(); err != nil {
+		m.releaseLock()
 		return nil, err
 	}
 	m.scanOrphans()
+	if n := len(m.orphans); n > 0 {
+		log.Info("network: slots of a previous run found", "count", n)
+	}
+	grace := o.AdoptGrace
+	if grace == 0 {
+		grace = 2 * time.Minute
+	}
+	if grace > 0 {
+		m.reaper = time.AfterFunc(grace, func() { m.ReapStale() })
+	}
 	m.wg.Add(1)
 	go m.refiller()
 	m.kick()
 	return m, nil
+}
+
+const lockDir = "/run/cube"
+
+// takeLock makes sure no other live process manages the same prefix (two
+// managers would hand out, and reap, each other's slots).
+func (m *Manager) takeLock() error {
+	if err := os.MkdirAll(lockDir, 0o755); err != nil {
+		return errs.Wrap(errs.Internal, err, "create %s", lockDir)
+	}
+	p := filepath.Join(lockDir, "net-"+m.opts.Prefix+".lock")
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "open %s", p)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return errs.E(errs.FailedPrecondition, "network slot prefix %q is in use by another process (%s); set slotPrefix", m.opts.Prefix, p)
+	}
+	m.lock = f
+	return nil
+}
+
+func (m *Manager) releaseLock() {
+	if m.lock != nil {
+		m.lock.Close()
+		m.lock = nil
+	}
 }
 
 // checkRange refuses a host range that overlaps addresses or routes of the
@@ -498,19 +547,27 @@ func (m *Manager) SetPolicy(id string, p Policy) error {
 }
 
 func (m *Manager) applyPolicy(s *slot, p Policy, comp compiled) error {
-	var keep []nftables.SetElement
+	apply := func(keep []nftables.SetElement) error {
+		c, err := s.nft()
+		if err != nil {
+			return errs.Wrap(errs.Internal, err, "nftables")
+		}
+		if err := updatePolicySets(c, comp, keep); err != nil {
+			return errs.Wrap(errs.Internal, err, "nftables")
+		}
+		if err := c.Flush(); err != nil {
+			return errs.Wrap(errs.Internal, err, "apply network policy")
+		}
+		return nil
+	}
+	var err error
 	if s.dns != nil {
-		keep = s.dns.setPolicy(comp)
+		err = s.dns.update(comp, apply)
+	} else {
+		err = apply(nil)
 	}
-	c, err := s.nft()
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "nftables")
-	}
-	if err := updatePolicySets(c, comp, keep); err != nil {
-		return errs.Wrap(errs.Internal, err, "nftables")
-	}
-	if err := c.Flush(); err != nil {
-		return errs.Wrap(errs.Internal, err, "apply network policy")
+		return err
 	}
 	s.pol, s.comp = p, comp
 	return nil
@@ -527,19 +584,40 @@ func (m *Manager) Policy(id string) (Policy, error) {
 	return s.pol, nil
 }
 
-// Release wipes a slot (default policy, DNS-learned addresses, conntrack,
-// guest-side configuration) and returns it to the pool, or destroys it if
-// the pool is full. Call it after the sandbox using it is gone.
+// Release takes a slot back. It is no longer usable when Release returns
+// (Dial and SetPolicy report NotFound); the wipe (default policy,
+// DNS-learned addresses, conntrack, guest-side configuration) runs in the
+// background, after which the slot returns to the pool, or is destroyed if
+// the pool is full or the wipe failed. Call it after the sandbox is gone.
 func (m *Manager) Release(ctx context.Context, id string) error {
 	m.mu.Lock()
 	s, ok := m.active[id]
 	delete(m.active, id)
+	closed := m.closed
+	if ok && !closed {
+		m.wg.Add(1)
+	}
 	m.mu.Unlock()
 	if !ok {
 		return errs.E(errs.NotFound, "network slot %q not found", id)
 	}
 	s.mu.Lock()
 	s.released = true
+	s.mu.Unlock()
+	if closed {
+		m.destroyKernel(s)
+		m.forget(s)
+		return nil
+	}
+	go func() {
+		defer m.wg.Done()
+		m.recycle(s)
+	}()
+	return nil
+}
+
+func (m *Manager) recycle(s *slot) {
+	s.mu.Lock()
 	err := m.wipe(s)
 	s.mu.Unlock()
 	m.mu.Lock()
@@ -549,15 +627,14 @@ func (m *Manager) Release(ctx context.Context, id string) error {
 		s.mu.Unlock()
 		m.pool = append(m.pool, s)
 		m.mu.Unlock()
-		return nil
+		return
 	}
 	m.mu.Unlock()
 	if err != nil {
-		m.log.Warn("network: wipe failed, destroying slot", "slot", id, "err", err)
+		m.log.Warn("network: wipe failed, destroying slot", "slot", s.id, "err", err)
 	}
 	m.destroyKernel(s)
 	m.forget(s)
-	return nil
 }
 
 func (m *Manager) wipe(s *slot) error {
@@ -616,8 +693,10 @@ func (m *Manager) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 	ns, err := s.ns, error(nil)
 	if s.released || ns < 0 {
 		err = errs.E(errs.NotFound, "network slot %q not found", id)
-	} else if ns, err = netns.GetFromPath(fmt.Sprintf("/proc/self/fd/%d", int(s.ns))); err != nil {
-		err = errs.Wrap(errs.Internal, err, "open slot namespace")
+	} else if fd, derr := unix.FcntlInt(uintptr(s.ns), unix.F_DUPFD_CLOEXEC, 0); derr != nil {
+		err = errs.Wrap(errs.Internal, derr, "open slot namespace")
+	} else {
+		ns = netns.NsHandle(fd)
 	}
 	s.mu.Unlock()
 	if err != nil {
@@ -657,6 +736,9 @@ func (m *Manager) Close() error {
 	m.mu.Unlock()
 	close(m.done)
 	m.wg.Wait()
+	if m.reaper != nil {
+		m.reaper.Stop()
+	}
 	for _, s := range pool {
 		m.destroyKernel(s)
 	}
@@ -692,7 +774,12 @@ func (m *Manager) Purge() error {
 		return err
 	}
 	c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: hostTableName(m.opts.Prefix)})
-	if err := c.Flush(); err != nil && !os.IsNotExist(err) {
+	err = c.Flush()
+	if m.lock != nil {
+		_ = os.Remove(m.lock.Name())
+	}
+	m.releaseLock()
+	if err != nil && !os.IsNotExist(err) {
 		return err
 	}
 	return nil

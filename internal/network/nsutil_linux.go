@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync"
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -14,22 +15,36 @@ import (
 
 const netnsDir = "/run/netns"
 
+var (
+	homeOnce sync.Once
+	homeNS   netns.NsHandle = -1
+	homeErr  error
+)
+
+// home returns the namespace the process's threads live in (opened once).
+func home() (netns.NsHandle, error) {
+	homeOnce.Do(func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		homeNS, homeErr = netns.Get()
+	})
+	return homeNS, homeErr
+}
+
 // inNS runs fn on an OS thread switched into the namespace ns. fn must not
 // start goroutines that expect to be in ns. Sockets and files created by fn
 // stay in ns. If the thread cannot be switched back it is thrown away.
 func inNS(ns netns.NsHandle, fn func() error) error {
+	orig, err := home()
+	if err != nil {
+		return err
+	}
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return // thread state unknown: exit locked, thread discarded
-		}
-		defer orig.Close()
 		if err := netns.Set(ns); err != nil {
 			errc <- fmt.Errorf("setns: %w", err)
-			return
+			return // thread state unknown: exit locked, thread discarded
 		}
 		ferr := fn()
 		if err := netns.Set(orig); err != nil {

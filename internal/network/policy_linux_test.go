@@ -81,6 +81,22 @@ func TestPolicyDomains(t *testing.T) {
 			t.Errorf("%s: rcode %v err %v, want REFUSED", name, rc, err)
 		}
 	}
+	// DNS over TCP is served and snooped the same way.
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowInternetAccess: Bool(false), AllowOut: []string{"allowed.test"}}); err != nil {
+		t.Fatal(err)
+	}
+	if get(env.inetB) {
+		t.Fatal("address of a removed domain still reachable")
+	}
+	if addrs, rc, err := resolveVia(ns, "allowed.test", true); err != nil || rc != dnsmessage.RCodeSuccess || len(addrs) != 1 || addrs[0] != env.inetB {
+		t.Fatalf("resolve allowed.test over TCP: %v %v %v", addrs, rc, err)
+	}
+	if !get(env.inetB) {
+		t.Error("domain resolved over TCP not reachable")
+	}
+	if _, rc, err := resolveVia(ns, "evil.test", true); err != nil || rc != dnsmessage.RCodeRefused {
+		t.Errorf("evil.test over TCP: rcode %v err %v", rc, err)
+	}
 	// Dropping the domain removes the learned address at once.
 	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowInternetAccess: Bool(false), AllowOut: []string{"other.test"}}); err != nil {
 		t.Fatal(err)

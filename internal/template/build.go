@@ -106,7 +106,8 @@ func (b *Builder) prepare(ctx context.Context, id, source string, aliases []stri
 
 // fail ends a build with reason.
 func (b *Builder) fail(ctx context.Context, r *Record, err error) (Record, error) {
-	r.Reason = errs.Message(err)
+	// The whole chain: the reason is for the operator, who needs the cause.
+	r.Reason = err.Error()
 	b.set(ctx, r, PhaseFailed, 0, "")
 	b.log().Warn("template build failed", "template", r.ID, "job", r.JobID, "err", err)
 	return *r, err

@@ -176,7 +176,7 @@ func unpackImage(ctx context.Context, img v1.Image, dir string, limit int64, pro
 			err = errs.Wrap(errs.InvalidArgument, cerr, "layer %d: digest or stream", i+1)
 		}
 		if err != nil {
-			return nil, errs.Wrap(errs.KindOf(err), err, "layer %d", i+1)
+			return nil, errs.Wrap(errs.KindOf(err), err, "layer %d: %s", i+1, errs.Message(err))
 		}
 	}
 	progress(len(layers), len(layers))

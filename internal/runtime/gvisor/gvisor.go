@@ -612,7 +612,7 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 		var err error
 		m, err = r.restore(ctx, s.dir, src, r.newCID(), spec.Net, res)
 		if err != nil {
-			return fail(errs.Wrap(errs.KindOf(err), err, "create sandbox %s", spec.ID))
+			return fail(errs.Wrap(errs.KindOf(err), err, "create sandbox %s: %s", spec.ID, errs.Message(err)))
 		}
 	}
 	m.ID = spec.ID
@@ -733,7 +733,7 @@ func (r *Runtime) Resume(ctx context.Context, id string, netSlot runtime.NetSlot
 	src.Image = filepath.Join(s.dir, "ckpt")
 	m, err := r.restore(ctx, s.dir, src, r.newCID(), netSlot, s.meta.Resources)
 	if err != nil {
-		return runtime.Info{}, errs.Wrap(errs.KindOf(err), err, "resume sandbox %s", id)
+		return runtime.Info{}, errs.Wrap(errs.KindOf(err), err, "resume sandbox %s: %s", id, errs.Message(err))
 	}
 	m.ID, m.Labels, m.Source = id, s.meta.Labels, s.meta.Source
 	s.meta = m

@@ -46,6 +46,8 @@ var Allowed = []uintptr{
 	unix.SYS_CLOCK_GETTIME, unix.SYS_GETTIMEOFDAY, unix.SYS_SCHED_GETAFFINITY,
 	unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_TGKILL, unix.SYS_EXIT, unix.SYS_EXIT_GROUP,
 	unix.SYS_RESTART_SYSCALL, unix.SYS_GETUID, unix.SYS_GETEUID, unix.SYS_GETGID, unix.SYS_GETEGID,
+	// threads started by glibc (cgo builds): restartable sequences, robust futexes
+	unix.SYS_RSEQ, unix.SYS_SET_ROBUST_LIST,
 	// signals (Go runtime; vCPU kicks are tgkill to our own threads)
 	unix.SYS_RT_SIGACTION, unix.SYS_RT_SIGPROCMASK, unix.SYS_RT_SIGRETURN, unix.SYS_SIGALTSTACK,
 	// netpoll and sockets (control socket, vsock bridge to host unix sockets)

@@ -27,7 +27,13 @@ func TestMain(m *testing.M) {
 		os.Stdout.WriteString("installed\n")
 		done := make(chan int)
 		for i := 0; i < 8; i++ {
-			go func() { var p [2]int; unix.Pipe2(p[:], unix.O_CLOEXEC); unix.Close(p[0]); unix.Close(p[1]); done <- unix.Getpid() }()
+			go func() {
+				var p [2]int
+				unix.Pipe2(p[:], unix.O_CLOEXEC)
+				unix.Close(p[0])
+				unix.Close(p[1])
+				done <- unix.Getpid()
+			}()
 		}
 		for i := 0; i < 8; i++ {
 			<-done

@@ -144,6 +144,12 @@ func Open(path string) (*System, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
+	return FromFD(fd)
+}
+
+// FromFD adopts an already open /dev/kvm fd (inherited from a launcher
+// that may have dropped the privilege to open it). It closes fd on error.
+func FromFD(fd int) (*System, error) {
 	s := &System{fd: fd}
 	v, err := ioctlVal(fd, ioGetAPIVersion, 0)
 	if err != nil || v != 12 {

@@ -19,6 +19,7 @@ import (
 	"github.com/cubesandbox/cube/internal/vmm/devices/i8042"
 	"github.com/cubesandbox/cube/internal/vmm/devices/legacy"
 	"github.com/cubesandbox/cube/internal/vmm/devices/serial"
+	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
 	"github.com/cubesandbox/cube/internal/vmm/vm"
 )
 
@@ -28,6 +29,9 @@ import (
 type VirtioDevice struct {
 	Name  string
 	Build func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error)
+	// Close releases the device's back-end (disk files, tap, sockets)
+	// when the VM is closed. Optional.
+	Close func() error
 }
 
 // Spec describes a microVM.
@@ -41,9 +45,13 @@ type Spec struct {
 	MemMode      vm.MemoryMode
 	MemFile      string
 	KVMPath      string
+	KVMFD        int
 	Serial       io.Writer // guest console output (nil: discarded)
 	Virtio       []VirtioDevice
-	Log          *slog.Logger
+	// NoIOEventFD serves virtio queue notifications through MMIO exits
+	// instead of ioeventfds.
+	NoIOEventFD bool
+	Log         *slog.Logger
 	// Restore builds the machine for a snapshot restore (package
 	// snapshot): devices are attached as usual but no kernel is loaded
 	// and no vCPU state is set; the snapshot supplies both.
@@ -82,7 +90,7 @@ func New(s Spec) (_ *Machine, err error) {
 	if s.Log == nil {
 		s.Log = slog.New(slog.DiscardHandler)
 	}
-	v, err := vm.New(vm.Config{MemSize: s.MemSize, VCPUs: s.VCPUs, MemMode: s.MemMode, MemFile: s.MemFile, KVMPath: s.KVMPath, Log: s.Log})
+	v, err := vm.New(vm.Config{MemSize: s.MemSize, VCPUs: s.VCPUs, MemMode: s.MemMode, MemFile: s.MemFile, KVMPath: s.KVMPath, KVMFD: s.KVMFD, Log: s.Log})
 	if err != nil {
 		return nil, err
 	}
@@ -135,7 +143,17 @@ func New(s Spec) (_ *Machine, err error) {
 			return nil, err
 		}
 		v.AddDevice(d.Name, dev)
-		if c, ok := dev.(io.Closer); ok {
+		if t, ok := dev.(interface {
+			vm.QueueNotifier
+			Device() virtio.Device
+		}); ok && !s.NoIOEventFD {
+			if err := v.NotifyEventFDs(base+virtio.RegQueueNotify, len(t.Device().QueueSizes()), t); err != nil {
+				return nil, fmt.Errorf("virtio device %s: %w", d.Name, err)
+			}
+		}
+		if d.Close != nil {
+			v.OnClose(d.Close)
+		} else if c, ok := dev.(io.Closer); ok {
 			v.OnClose(c.Close)
 		}
 		m.Slots = append(m.Slots, Slot{Name: d.Name, Base: base, IRQ: virtioIRQs[i], Dev: dev})

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cubesandbox/cube/internal/vmm/boot"
 	"github.com/cubesandbox/cube/internal/vmm/devices"
+	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
+	"github.com/cubesandbox/cube/internal/vmm/devices/virtio/rng"
 	"github.com/cubesandbox/cube/internal/vmm/kvm"
 	"github.com/cubesandbox/cube/internal/vmm/synth"
 	"github.com/cubesandbox/cube/internal/vmm/vm"
@@ -98,5 +100,43 @@ func TestMachineSyntheticGuest(t *testing.T) {
 	}
 	if len(m.VM.StatefulDevices()) < 3 {
 		t.Fatalf("stateful devices %v", m.VM.StatefulDevices())
+	}
+}
+
+// TestIOEventFDNotify checks a guest's QueueNotify write to a virtio
+// transport reaches it through the ioeventfd (no MMIO exit) and an
+// MMIO-exit path is still used for other registers.
+func TestIOEventFDNotify(t *testing.T) {
+	if !kvm.Available() {
+		t.Skip("no usable /dev/kvm on this host")
+	}
+	code := synth.New(synth.LoadAddr).ToUser(0x80000, false).
+		Store32(boot.VirtioMMIOBase+virtio.RegQueueNotify, 0).
+		Store32(boot.VirtioMMIOBase+virtio.RegQueueNotify, 0).
+		Store32(boot.VirtioMMIOBase+virtio.RegStatus, 0).
+		Spin().Bytes()
+	m, err := New(Spec{
+		Kernel: code, KernelFormat: boot.FormatRaw, MemSize: 64 << 20, VCPUs: 1,
+		Virtio: []VirtioDevice{{Name: "rng", Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
+			return virtio.NewTransport(rng.New(), mem, irq, virtio.Options{}), nil
+		}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.VM.Close()
+	if err := m.VM.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for (m.VM.Metrics.Notifies.Load() < 2 || m.VM.Metrics.Exits()["mmio"] < 1) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	m.VM.Stop()
+	if n := m.VM.Metrics.Notifies.Load(); n != 2 {
+		t.Fatalf("ioeventfd notifies %d, want 2 (exits %v)", n, m.VM.Metrics.Exits())
+	}
+	if e := m.VM.Metrics.Exits()["mmio"]; e != 1 {
+		t.Fatalf("mmio exits %d, want 1 (the status write)", e)
 	}
 }

@@ -66,6 +66,17 @@ func (a *Asm) Copy32(src, dst uint32) *Asm {
 	return a.MovEAX(dst).emit(0x89, 0x18)
 }
 
+// OutMMIO32 reads 32 bits at addr and writes them, low byte first, to
+// port (so an MMIO read's result shows up on the console).
+func (a *Asm) OutMMIO32(port uint16, addr uint32) *Asm {
+	a.MovEAX(addr).emit(0x8B, 0x00) // mov eax, [rax]
+	a.emit(0x66, 0xBA, byte(port), byte(port>>8))
+	for i := 0; i < 4; i++ {
+		a.emit(0xEE, 0xC1, 0xE8, 0x08) // out dx, al; shr eax, 8
+	}
+	return a
+}
+
 // ToUser continues at the next instruction at CPL 3 (IOPL 3, IF as
 // given) with stack rsp, through iretq.
 func (a *Asm) ToUser(rsp uint32, interrupts bool) *Asm {

@@ -13,12 +13,23 @@ const maxExitReason = 64
 
 // Metrics are VM counters, safe for concurrent reads.
 type Metrics struct {
-	StartedAt time.Time
+	startedAt atomic.Int64 // unix nanoseconds; 0 = not started
 	Pauses    atomic.Uint64
-	exits     [maxExitReason + 1]atomic.Uint64
+	// Notifies counts virtio queue notifications served through ioeventfds.
+	Notifies atomic.Uint64
+	exits    [maxExitReason + 1]atomic.Uint64
 }
 
 func (m *Metrics) init() {}
+
+// StartedAt is when the VM started (zero before Start).
+func (m *Metrics) StartedAt() time.Time {
+	n := m.startedAt.Load()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
 
 func (m *Metrics) count(reason uint32) {
 	if reason > maxExitReason {
@@ -50,6 +61,7 @@ type Snapshot struct {
 	PIOUnhandled  uint64            `json:"pio_unhandled"`
 	MMIOUnhandled uint64            `json:"mmio_unhandled"`
 	Pauses        uint64            `json:"pauses"`
+	Notifies      uint64            `json:"ioeventfd_notifies"`
 	VCPUs         int               `json:"vcpus"`
 	MemBytes      uint64            `json:"mem_bytes"`
 }
@@ -62,11 +74,12 @@ func (v *VM) MetricsSnapshot() Snapshot {
 		PIOUnhandled:  v.PIO.Unhandled.Load(),
 		MMIOUnhandled: v.MMIO.Unhandled.Load(),
 		Pauses:        v.Metrics.Pauses.Load(),
+		Notifies:      v.Metrics.Notifies.Load(),
 		VCPUs:         v.cfg.VCPUs,
 		MemBytes:      v.cfg.MemSize,
 	}
-	if !v.Metrics.StartedAt.IsZero() {
-		s.UptimeSeconds = time.Since(v.Metrics.StartedAt).Seconds()
+	if t := v.Metrics.StartedAt(); !t.IsZero() {
+		s.UptimeSeconds = time.Since(t).Seconds()
 	}
 	return s
 }

@@ -33,6 +33,7 @@ type Config struct {
 	MemMode MemoryMode // how RAM is backed
 	MemFile string     // memory file for the file modes
 	KVMPath string     // default /dev/kvm
+	KVMFD   int        // >0: an open /dev/kvm fd to use (adopted)
 	Log     *slog.Logger
 }
 
@@ -147,7 +148,12 @@ func New(cfg Config) (_ *VM, err error) {
 			v.Close()
 		}
 	}()
-	if v.sys, err = kvm.Open(cfg.KVMPath); err != nil {
+	if cfg.KVMFD > 0 {
+		v.sys, err = kvm.FromFD(cfg.KVMFD)
+	} else {
+		v.sys, err = kvm.Open(cfg.KVMPath)
+	}
+	if err != nil {
 		return nil, err
 	}
 	if v.KVM, err = v.sys.CreateVM(); err != nil {
@@ -251,7 +257,7 @@ func (v *VM) Start() error {
 		return fmt.Errorf("vm is %s, not created", v.state)
 	}
 	v.state = StateRunning
-	v.Metrics.StartedAt = time.Now()
+	v.Metrics.startedAt.Store(time.Now().UnixNano())
 	v.live = len(v.CPUs)
 	for _, c := range v.CPUs {
 		go c.loop()

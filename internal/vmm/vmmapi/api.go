@@ -40,6 +40,7 @@ type Metrics struct {
 	PIOUnhandled  uint64            `json:"pio_unhandled"`
 	MMIOUnhandled uint64            `json:"mmio_unhandled"`
 	Pauses        uint64            `json:"pauses"`
+	Notifies      uint64            `json:"ioeventfd_notifies"`
 	VCPUs         int               `json:"vcpus"`
 	MemBytes      uint64            `json:"mem_bytes"`
 	RSSBytes      uint64            `json:"rss_bytes"`

@@ -18,6 +18,7 @@
 package virtio
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -138,7 +139,8 @@ type Active struct {
 func (a *Active) Has(f uint64) bool { return a.Features&f == f }
 
 // ConfigChanged bumps the config generation and raises the config
-// change interrupt.
+// change interrupt. It takes the transport's lock: call it from a device
+// goroutine, not from Activate or a queue handler.
 func (a *Active) ConfigChanged() { a.t.ConfigChanged() }
 
 // Options tune a Transport.
@@ -172,6 +174,7 @@ type Transport struct {
 	configGen   uint32
 	shmSel      uint32
 	act         *Active
+	resetWarns  int
 }
 
 var (
@@ -193,7 +196,9 @@ func NewTransport(dev Device, mem devices.GuestMemory, irq devices.IRQLine, o Op
 		t.offer |= FRingIndirectDesc
 	}
 	for i, max := range dev.QueueSizes() {
-		t.queues = append(t.queues, newQueue(i, max, mem, t.queueSignal))
+		q := newQueue(i, max, mem, t.queueSignal)
+		q.onBroken = t.queueBroken
+		t.queues = append(t.queues, q)
 	}
 	return t
 }
@@ -239,10 +244,26 @@ func (t *Transport) ConfigChanged() {
 
 // needsReset flags the device as broken for the driver. Called with mu held.
 func (t *Transport) needsReset(why error) {
-	t.log.Warn("virtio: device needs reset", "device", t.dev.DeviceID(), "err", why)
+	// A guest can provoke this at will: only the first few are warnings.
+	lvl := slog.LevelDebug
+	if t.resetWarns < 5 {
+		t.resetWarns++
+		lvl = slog.LevelWarn
+	}
+	t.log.Log(context.Background(), lvl, "virtio: device needs reset", "device", t.dev.DeviceID(), "err", why)
 	t.status |= StatusDeviceNeedsReset
 	t.configGen++
 	t.raise(IntConfigChange)
+}
+
+// queueBroken flags DEVICE_NEEDS_RESET for a ring found corrupt by a
+// device goroutine (the notify path checks synchronously as well).
+func (t *Transport) queueBroken(*Queue) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.status&StatusDriverOK != 0 && t.status&StatusDeviceNeedsReset == 0 {
+		t.needsReset(ErrQueueBroken)
+	}
 }
 
 // Notify is the QueueNotify entry point: the MMIO handler calls it, and
@@ -255,11 +276,7 @@ func (t *Transport) Notify(q int) {
 	t.queues[q].poke()
 	t.dev.QueueNotify(q)
 	if t.queues[q].isBroken() {
-		t.mu.Lock()
-		if t.status&StatusDeviceNeedsReset == 0 {
-			t.needsReset(ErrQueueBroken)
-		}
-		t.mu.Unlock()
+		t.queueBroken(t.queues[q])
 	}
 }
 

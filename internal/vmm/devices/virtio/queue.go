@@ -156,6 +156,8 @@ type Queue struct {
 	max    uint16
 	mem    devices.GuestMemory
 	signal func(q *Queue) // raises the used-buffer interrupt
+	// onBroken is told (on its own goroutine) when the queue breaks.
+	onBroken func(q *Queue)
 
 	notified chan struct{} // a token on every guest notification
 
@@ -198,6 +200,14 @@ func (q *Queue) reset() {
 	q.inflight = 0
 	q.idle.Broadcast()
 	q.mu.Unlock()
+}
+
+// markBroken records a ring the driver corrupted. Called with mu held.
+func (q *Queue) markBroken() {
+	if !q.broken && q.onBroken != nil {
+		go q.onBroken(q)
+	}
+	q.broken = true
 }
 
 // pause stops the queue handing out chains and waits until every chain
@@ -280,7 +290,7 @@ func (q *Queue) pending() (bool, error) {
 	}
 	idx := q.availIdx()
 	if d := idx - q.LastAvail; d > q.Size {
-		q.broken = true
+		q.markBroken()
 		return false, ErrQueueBroken
 	} else if d > 0 {
 		return true, nil
@@ -306,7 +316,7 @@ func (q *Queue) pop() (*Chain, error) {
 	head := Load16(q.mem, q.Avail+4+2*slot)
 	if head >= q.Size {
 		// There is no descriptor to give back: the ring is unusable.
-		q.broken = true
+		q.markBroken()
 		return nil, ErrQueueBroken
 	}
 	q.LastAvail++
@@ -542,4 +552,28 @@ func (q *Queue) Interrupt() {
 	if need {
 		q.signal(q)
 	}
+}
+
+// Unpop gives back the last n chains taken with Pop and not yet pushed,
+// in reverse order of popping, as if they had never been taken (the
+// driver still owns them and has not been told anything). Only a device
+// that is the sole consumer of the queue may use it, e.g. to wait for
+// enough buffers for one frame without holding some.
+func (q *Queue) Unpop(n int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n <= 0 || n > q.inflight {
+		return
+	}
+	q.LastAvail -= uint16(n)
+	for i := 0; i < n; i++ {
+		q.done()
+	}
+}
+
+// Len is the queue size the driver chose.
+func (q *Queue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return int(q.Size)
 }

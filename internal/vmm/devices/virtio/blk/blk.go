@@ -44,16 +44,18 @@ const (
 
 // Device is a virtio block device.
 type Device struct {
+	*virtio.Server
 	disk Disk
 	id   string
-	a    atomic.Pointer[virtio.Active]
 	// counters
 	Reads, Writes, Flushes, Errors atomic.Uint64
 }
 
 // New returns a virtio-blk device on disk, reporting id for GET_ID.
 func New(disk Disk, id string) *Device {
-	return &Device{disk: disk, id: id}
+	d := &Device{disk: disk, id: id}
+	d.Server = virtio.NewServer(d.serve)
+	return d
 }
 
 func (d *Device) DeviceID() uint32 { return virtio.IDBlock }
@@ -85,19 +87,6 @@ func (d *Device) ReadConfig(off uint64, p []byte) {
 }
 
 func (d *Device) WriteConfig(uint64, []byte) {}
-
-func (d *Device) Activate(a *virtio.Active) error { d.a.Store(a); return nil }
-
-func (d *Device) Reset() { d.a.Store(nil) }
-
-// QueueNotify serves every pending request on the notifying thread.
-func (d *Device) QueueNotify(q int) {
-	a := d.a.Load()
-	if a == nil || q != 0 {
-		return
-	}
-	a.Queues[0].Drain(d.serve)
-}
 
 // serve handles one request and returns the bytes written to the chain.
 func (d *Device) serve(c *virtio.Chain) uint32 {

@@ -13,6 +13,7 @@
 package net
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +35,7 @@ const (
 	FCsum      = 1 << 0
 	FGuestCsum = 1 << 1
 	FMAC       = 1 << 5
+	FMrgRxBuf  = 1 << 15
 	FGuestTSO4 = 1 << 7
 	FGuestTSO6 = 1 << 8
 	FHostTSO4  = 1 << 11
@@ -143,7 +145,7 @@ func (d *Device) Close() error {
 func (d *Device) DeviceID() uint32 { return virtio.IDNet }
 
 func (d *Device) Features() uint64 {
-	return FCsum | FGuestCsum | FMAC | FGuestTSO4 | FGuestTSO6 | FHostTSO4 | FHostTSO6
+	return FCsum | FGuestCsum | FMAC | FGuestTSO4 | FGuestTSO6 | FHostTSO4 | FHostTSO6 | FMrgRxBuf
 }
 
 func (d *Device) QueueSizes() []uint16 { return []uint16{queueSize, queueSize} }
@@ -259,36 +261,68 @@ func (d *Device) receive(a *virtio.Active, stop chan struct{}) {
 		if n < HdrSize {
 			continue
 		}
-		if !d.put(rx, buf[:n], stop) {
+		if !d.put(a, rx, buf[:n], stop) {
 			return
 		}
 	}
 }
 
-// put delivers one frame, waiting for a buffer; false means stop.
-func (d *Device) put(rx *virtio.Queue, frame []byte, stop chan struct{}) bool {
+// put delivers one frame, waiting for buffers; false means stop. With
+// VIRTIO_NET_F_MRG_RXBUF a frame may span several chains (num_buffers in
+// the header says how many); without it, it must fit in one.
+func (d *Device) put(a *virtio.Active, rx *virtio.Queue, frame []byte, stop chan struct{}) bool {
+	mrg := a.Has(FMrgRxBuf)
 	for {
-		c, err := rx.Pop()
-		if err != nil {
-			if errors.Is(err, virtio.ErrQueueBroken) {
-				d.RxDropped.Add(1)
-				return d.wait(rx, stop)
+		var chains []*virtio.Chain
+		room := 0
+		for room < len(frame) {
+			c, err := rx.Pop()
+			if err != nil {
+				if errors.Is(err, virtio.ErrQueueBroken) {
+					rx.Unpop(len(chains))
+					d.RxDropped.Add(1)
+					return d.wait(rx, stop)
+				}
+				continue // a malformed chain, already returned empty
 			}
-			continue
+			if c == nil {
+				break
+			}
+			chains = append(chains, c)
+			room += c.WritableLen()
+			if !mrg {
+				break
+			}
 		}
-		if c == nil {
+		if mrg && room < len(frame) && len(chains) >= rx.Len() {
+			// Even the whole ring would not hold this frame: drop it.
+			rx.Unpop(len(chains))
+			d.RxDropped.Add(1)
+			return true
+		}
+		if len(chains) == 0 || (mrg && room < len(frame)) {
+			// Not enough buffers: give back what we took and wait.
+			rx.Unpop(len(chains))
 			if !d.wait(rx, stop) {
 				return false
 			}
 			continue
 		}
-		if c.WritableLen() < len(frame) {
-			rx.Push(c, 0) // the guest posted a buffer too small: drop
+		if room < len(frame) {
+			rx.Push(chains[0], 0) // the guest posted a buffer too small: drop
 			d.RxDropped.Add(1)
 			return true
 		}
-		c.WriteAt(frame, 0)
-		rx.Push(c, uint32(len(frame)))
+		if mrg {
+			binary.LittleEndian.PutUint16(frame[10:], uint16(len(chains)))
+		}
+		off := 0
+		for _, c := range chains {
+			n := c.WriteAt(frame[off:], 0)
+			off += n
+			rx.Put(c, uint32(n))
+		}
+		rx.Interrupt()
 		d.RxFrames.Add(1)
 		return true
 	}

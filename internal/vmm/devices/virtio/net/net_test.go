@@ -119,6 +119,16 @@ func icmpEcho(dstMAC stdnet.HardwareAddr, payload []byte) []byte {
 }
 
 func TestFramesBothWaysOverRealTap(t *testing.T) {
+	pingOverTap(t, virtionet.FMAC, virtionet.HdrSize+1526)
+}
+
+// With mergeable rx buffers of 64 bytes, the echo reply (94 bytes with
+// its header) spans two buffers.
+func TestMergeableRxBuffers(t *testing.T) {
+	pingOverTap(t, virtionet.FMAC|virtionet.FMrgRxBuf, 64)
+}
+
+func pingOverTap(t *testing.T, features uint64, bufSize int) {
 	tap := tapInNetns(t)
 	dev, err := virtionet.New(virtionet.Config{Tap: tap, MAC: guestMAC})
 	if err != nil {
@@ -135,26 +145,42 @@ func TestFramesBothWaysOverRealTap(t *testing.T) {
 	if mac := d.ReadConfig(0, 6); !bytes.Equal(mac, guestMAC) {
 		t.Fatalf("config MAC %x", mac)
 	}
-	if err := d.Init(virtionet.FMAC, 2, 64); err != nil {
+	if err := d.Init(features, 2, 64); err != nil {
 		t.Fatal(err)
 	}
 	rx, tx := d.Queues[0], d.Queues[1]
-	for i := 0; i < 32; i++ {
-		rx.Add(vt.W(virtionet.HdrSize + 1526))
+	for i := 0; i < 48; i++ {
+		rx.Add(vt.W(bufSize))
 	}
 	rx.Kick()
 	hdr := make([]byte, virtionet.HdrSize)
 
-	// recv waits for a frame matching f, re-posting buffers.
+	// recv waits for a frame matching f, re-posting buffers and joining
+	// mergeable buffers by their header's num_buffers.
+	var pending []byte
+	left := 0
 	recv := func(what string, f func([]byte) bool) []byte {
 		deadline := time.Now().Add(10 * time.Second)
 		for time.Now().Before(deadline) {
 			for _, u := range rx.Collect() {
-				rx.Add(vt.W(virtionet.HdrSize + 1526))
+				rx.Add(vt.W(bufSize))
 				rx.Kick()
-				fr := u.Data()
-				if len(fr) > virtionet.HdrSize && f(fr[virtionet.HdrSize:]) {
-					return fr[virtionet.HdrSize:]
+				b := u.Data()
+				if left == 0 {
+					if len(b) < virtionet.HdrSize {
+						t.Fatalf("rx buffer of %d bytes", len(b))
+					}
+					left = 1
+					if features&virtionet.FMrgRxBuf != 0 {
+						left = int(binary.LittleEndian.Uint16(b[10:]))
+					}
+					pending = append([]byte(nil), b[virtionet.HdrSize:]...)
+				} else {
+					pending = append(pending, b...)
+				}
+				left--
+				if left == 0 && f(pending) {
+					return pending
 				}
 			}
 			time.Sleep(2 * time.Millisecond)
@@ -200,7 +226,7 @@ func TestFramesBothWaysOverRealTap(t *testing.T) {
 	}
 	// Reset stops the reader; re-initialising works.
 	d.SetStatus(0)
-	if err := d.Init(virtionet.FMAC|virtionet.FGuestCsum, 2, 64); err != nil {
+	if err := d.Init(features|virtionet.FGuestCsum, 2, 64); err != nil {
 		t.Fatal(err)
 	}
 }

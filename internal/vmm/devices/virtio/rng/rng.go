@@ -4,7 +4,6 @@ package rng
 
 import (
 	"crypto/rand"
-	"sync/atomic"
 
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
 )
@@ -15,40 +14,36 @@ const MaxPerRequest = 64 << 10
 
 // Device is a virtio entropy device.
 type Device struct {
-	a atomic.Pointer[virtio.Active]
+	*virtio.Server
 }
 
 // New returns a virtio-rng device.
-func New() *Device { return &Device{} }
+func New() *Device {
+	d := &Device{}
+	d.Server = virtio.NewServer(fill)
+	return d
+}
 
-func (d *Device) DeviceID() uint32                 { return virtio.IDRNG }
-func (d *Device) Features() uint64                 { return 0 }
-func (d *Device) QueueSizes() []uint16             { return []uint16{256} }
-func (d *Device) ReadConfig(off uint64, p []byte)  {}
-func (d *Device) WriteConfig(off uint64, p []byte) {}
-func (d *Device) Activate(a *virtio.Active) error  { d.a.Store(a); return nil }
-func (d *Device) Reset()                           { d.a.Store(nil) }
+func (d *Device) DeviceID() uint32           { return virtio.IDRNG }
+func (d *Device) Features() uint64           { return 0 }
+func (d *Device) QueueSizes() []uint16       { return []uint16{256} }
+func (d *Device) ReadConfig(uint64, []byte)  {}
+func (d *Device) WriteConfig(uint64, []byte) {}
 
-// QueueNotify fills every available buffer.
-func (d *Device) QueueNotify(q int) {
-	a := d.a.Load()
-	if a == nil || q != 0 {
-		return
-	}
-	a.Queues[0].Drain(func(c *virtio.Chain) uint32 {
-		left := MaxPerRequest
-		n := 0
-		for _, b := range c.Writable {
-			p := b.Data[:min(len(b.Data), left)]
-			if _, err := rand.Read(p); err != nil {
-				break
-			}
-			n += len(p)
-			left -= len(p)
-			if left == 0 {
-				break
-			}
+// fill writes random bytes into a chain's writable buffers.
+func fill(c *virtio.Chain) uint32 {
+	left := MaxPerRequest
+	n := 0
+	for _, b := range c.Writable {
+		p := b.Data[:min(len(b.Data), left)]
+		if _, err := rand.Read(p); err != nil {
+			break
 		}
-		return uint32(n)
-	})
+		n += len(p)
+		left -= len(p)
+		if left == 0 {
+			break
+		}
+	}
+	return uint32(n)
 }

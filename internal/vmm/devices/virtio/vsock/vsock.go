@@ -32,6 +32,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -399,7 +400,7 @@ func (d *Device) handleTx(h *Hdr, ch *virtio.Chain) {
 		}
 		if h.Len > 0 {
 			start := len(c.txBuf)
-			c.txBuf = append(c.txBuf, make([]byte, h.Len)...)
+			c.txBuf = slices.Grow(c.txBuf, int(h.Len))[:start+int(h.Len)]
 			ch.ReadAt(c.txBuf[start:], HdrSize)
 			c.txCnt += h.Len
 		}

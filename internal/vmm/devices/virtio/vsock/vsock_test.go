@@ -30,6 +30,8 @@ type guest struct {
 	path       string
 	rx, tx, ev *vt.Queue
 	backlog    []pkt
+	// fwd is the guest's fwd_cnt per guest port: bytes it consumed.
+	fwd map[uint32]uint32
 }
 
 type pkt struct {
@@ -44,7 +46,7 @@ func newGuest(t testing.TB) *guest {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &guest{t: t, dev: dev, path: path}
+	g := &guest{t: t, dev: dev, path: path, fwd: map[uint32]uint32{}}
 	g.drv = vt.New(func(mem devices.GuestMemory, irq devices.IRQLine) devices.MMIODevice {
 		g.tr = virtio.NewTransport(dev, mem, irq, virtio.Options{})
 		return g.tr
@@ -78,6 +80,9 @@ func encode(h vsock.Hdr) []byte {
 func (g *guest) send(h vsock.Hdr, payload []byte) {
 	g.t.Helper()
 	h.SrcCID, h.DstCID, h.Type, h.Len = guestCID, vsock.HostCID, vsock.TypeStream, uint32(len(payload))
+	if h.FwdCnt == 0 {
+		h.FwdCnt = g.fwd[h.SrcPort] // like a real guest, every packet carries its fwd_cnt
+	}
 	segs := []vt.Seg{vt.R(encode(h))}
 	if len(payload) > 0 {
 		segs = append(segs, vt.R(payload))
@@ -165,6 +170,7 @@ func (g *guest) recvStream(gp, hp uint32, n int, bufAlloc uint32) []byte {
 		}
 		if uint32(len(got))-acked >= bufAlloc/2 {
 			acked = uint32(len(got))
+			g.fwd[gp] = acked
 			g.send(vsock.Hdr{SrcPort: gp, DstPort: hp, Op: vsock.OpCreditUpdate, BufAlloc: bufAlloc, FwdCnt: acked}, nil)
 		}
 	}
@@ -412,4 +418,51 @@ func TestPauseHoldsDelivery(t *testing.T) {
 	if string(p.data) != "while paused" {
 		t.Errorf("got %q", p.data)
 	}
+}
+
+func TestCorruptRxRingFlagsNeedsReset(t *testing.T) {
+	g := newGuest(t)
+	// The device finds the corrupt ring while delivering the REQUEST from
+	// its pump goroutine, not on a guest notification.
+	g.rx.SetAvailIdx(g.rx.UsedIdx() + 1000)
+	hostConnect(t, g, 4242)
+	deadline := time.Now().Add(5 * time.Second)
+	for g.tr.Status()&virtio.StatusDeviceNeedsReset == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("corrupt rx ring not flagged (status %#x)", g.tr.Status())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if g.drv.Read32(virtio.RegInterruptStat)&virtio.IntConfigChange == 0 {
+		t.Errorf("no config-change interrupt")
+	}
+}
+
+func TestDriverResetClosesConnections(t *testing.T) {
+	g := newGuest(t)
+	const gp = 1300
+	hc, br := hostConnect(t, g, gp)
+	req := g.expect("REQUEST", op(vsock.OpRequest, gp))
+	g.send(vsock.Hdr{SrcPort: gp, DstPort: req.SrcPort, Op: vsock.OpResponse, BufAlloc: 4096}, nil)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	// The driver resets the device mid-connection: the host side closes.
+	g.drv.SetStatus(0)
+	hc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("host conn after reset: %v", err)
+	}
+	// Re-initialised, the device takes new connections.
+	if err := g.drv.Init(^uint64(0), 3, 128); err != nil {
+		t.Fatal(err)
+	}
+	g.rx, g.tx, g.ev = g.drv.Queues[0], g.drv.Queues[1], g.drv.Queues[2]
+	g.backlog = nil
+	for i := 0; i < 8; i++ {
+		g.rx.Add(vt.W(vsock.HdrSize + 4096))
+	}
+	g.rx.Kick()
+	hostConnect(t, g, gp+1)
+	g.expect("REQUEST after reset", op(vsock.OpRequest, gp+1))
 }

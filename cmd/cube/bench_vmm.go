@@ -1,0 +1,311 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/vmm/synth"
+	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
+)
+
+func init() { addBench(newBenchVMM) }
+
+func newBenchVMM() *cobra.Command {
+	var (
+		runs       int
+		memMiB     int
+		crunHelper string
+		noCrun     bool
+	)
+	cmd := &cobra.Command{
+		Use:   "vmm",
+		Short: "VMM process start to first guest instruction (synthetic guest) vs `crun run /bin/true`",
+		Long: `Starts 'cube vmm' with a synthetic guest whose first instructions write to
+the serial port, and times process start to that byte reaching the host,
+plain and jailed (namespaces, cgroup, seccomp). The peer, measured in the
+same run, is 'crun run /bin/true' (busybox-static rootfs, private mount
+namespace with cgroup2 mounted, --cgroup-manager=disabled).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if crunHelper != "" {
+				return crunHelperMain(cmd.OutOrStdout(), crunHelper, runs)
+			}
+			return benchVMM(cmd.Context(), cmd.OutOrStdout(), runs, memMiB, noCrun)
+		},
+	}
+	cmd.Flags().IntVar(&runs, "runs", 30, "iterations per variant")
+	cmd.Flags().IntVar(&memMiB, "mem", 256, "guest RAM in MiB")
+	cmd.Flags().BoolVar(&noCrun, "no-crun", false, "skip the crun peer")
+	cmd.Flags().StringVar(&crunHelper, "crun-helper", "", "internal: run crun in this bundle (in a private mount namespace)")
+	_ = cmd.Flags().MarkHidden("crun-helper")
+	return cmd
+}
+
+type benchStats struct {
+	name    string
+	samples []time.Duration
+	err     error
+}
+
+// pct is the nearest-rank percentile p (0..1) of the samples.
+func (s *benchStats) pct(p float64) time.Duration {
+	if len(s.samples) == 0 {
+		return 0
+	}
+	v := append([]time.Duration(nil), s.samples...)
+	sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+	i := int(math.Ceil(p*float64(len(v)))) - 1
+	return v[min(max(i, 0), len(v)-1)]
+}
+
+func ms(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 2, 64) }
+
+// vmmFirstByte starts one VMM and returns the time from exec to the
+// guest's first serial byte.
+func vmmFirstByte(ctx context.Context, bin, kernel, dir string, memMiB int, jailed bool, i int) (time.Duration, error) {
+	o := vmmapi.Options{Kernel: kernel, KernelFormat: "raw", MemMiB: memMiB, VCPUs: 1, SerialLog: "-"}
+	if jailed {
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			return 0, err
+		}
+		defer pr.Close()
+		start := time.Now()
+		p, err := vmmapi.Launch(ctx, vmmapi.LaunchConfig{
+			Binary: bin, Options: o, Socket: filepath.Join(dir, fmt.Sprintf("j%d.sock", i)),
+			Isolate: true, Cgroup: fmt.Sprintf("bench-%d-%d", os.Getpid(), i), Stdout: pw,
+		})
+		pw.Close()
+		if err != nil {
+			return 0, err
+		}
+		defer p.Kill()
+		var b [1]byte
+		if _, err := io.ReadFull(pr, b[:]); err != nil {
+			return 0, fmt.Errorf("no guest output: %w", err)
+		}
+		return time.Since(start), nil
+	}
+	c := exec.Command(bin, append([]string{"vmm"}, o.Args()...)...)
+	c.Env = append(os.Environ(), "GODEBUG=updatemaxprocs=0")
+	out, err := c.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if err := c.Start(); err != nil {
+		return 0, err
+	}
+	defer func() {
+		c.Process.Signal(syscall.SIGTERM)
+		c.Wait()
+	}()
+	var b [1]byte
+	if _, err := io.ReadFull(out, b[:]); err != nil {
+		return 0, fmt.Errorf("no guest output: %w", err)
+	}
+	return time.Since(start), nil
+}
+
+func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool) error {
+	if runs < 1 {
+		return errs.E(errs.InvalidArgument, "--runs must be positive")
+	}
+	bin, err := os.Executable()
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "executable")
+	}
+	dir, err := os.MkdirTemp("", "cube-bench-vmm-")
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "temp dir")
+	}
+	defer os.RemoveAll(dir)
+	kernel := filepath.Join(dir, "guest.bin")
+	if err := os.WriteFile(kernel, synth.Hello("!"), 0o644); err != nil {
+		return errs.Wrap(errs.Internal, err, "guest")
+	}
+	plain := &benchStats{name: "cube vmm: exec -> first guest serial byte"}
+	jailed := &benchStats{name: "cube vmm jailed (netns+mntns+cgroup+seccomp)"}
+	crun := &benchStats{name: "crun run /bin/true (peer)"}
+	// Interleave variants so drift on the shared machine hits all alike.
+	var crunBundle string
+	if !noCrun {
+		if crunBundle, err = makeCrunBundle(dir); err != nil {
+			crun.err = err
+		}
+	}
+	for i := 0; i < runs; i++ {
+		for _, v := range []*benchStats{plain, jailed} {
+			if v.err != nil {
+				continue
+			}
+			d, err := vmmFirstByte(ctx, bin, kernel, dir, memMiB, v == jailed, i)
+			if err != nil {
+				v.err = err
+				continue
+			}
+			v.samples = append(v.samples, d)
+		}
+	}
+	if !noCrun && crun.err == nil {
+		crun.samples, crun.err = runCrunHelper(bin, crunBundle, runs)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "variant\truns\tp50 ms\tp99 ms\tmin ms\tp50 vs crun\n")
+	base := crun.pct(0.5)
+	for _, s := range []*benchStats{plain, jailed, crun} {
+		if s.err != nil {
+			fmt.Fprintf(tw, "%s\terror: %v\n", s.name, s.err)
+			continue
+		}
+		if noCrun && s == crun {
+			continue
+		}
+		ratio := "-"
+		if base > 0 {
+			ratio = strconv.FormatFloat(float64(s.pct(0.5))/float64(base), 'f', 2, 64) + "x"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", s.name, len(s.samples), ms(s.pct(0.5)), ms(s.pct(0.99)), ms(s.pct(0)), ratio)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "guest RAM %d MiB, 1 vCPU; host /dev/kvm %s\n", memMiB, hostKVMKind())
+	return nil
+}
+
+func hostKVMKind() string {
+	if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil {
+		return "KVM-PVM (guest kernel mode emulated)"
+	}
+	for _, m := range []string{"kvm_intel", "kvm_amd"} {
+		if _, err := os.Stat("/sys/module/" + m); err == nil {
+			return m
+		}
+	}
+	return "unknown"
+}
+
+// makeCrunBundle builds an OCI bundle whose rootfs holds busybox-static
+// as /bin/true.
+func makeCrunBundle(dir string) (string, error) {
+	if _, err := exec.LookPath("crun"); err != nil {
+		return "", fmt.Errorf("crun not installed")
+	}
+	bb := ""
+	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
+		if out, err := exec.Command("file", "-L", p).Output(); err == nil && (strings.Contains(string(out), "statically linked") || strings.Contains(string(out), "static-pie")) {
+			bb = p
+			break
+		}
+	}
+	if bb == "" {
+		return "", fmt.Errorf("no static busybox (apt install busybox-static)")
+	}
+	bundle := filepath.Join(dir, "bundle")
+	rootfs := filepath.Join(bundle, "rootfs")
+	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
+		return "", err
+	}
+	for _, d := range []string{"proc", "dev", "sys", "tmp"} {
+		os.MkdirAll(filepath.Join(rootfs, d), 0o755)
+	}
+	data, err := os.ReadFile(bb)
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(rootfs, "bin", "busybox"), data, 0o755); err != nil {
+		return "", err
+	}
+	if err := os.Symlink("busybox", filepath.Join(rootfs, "bin", "true")); err != nil {
+		return "", err
+	}
+	c := exec.Command("crun", "spec")
+	c.Dir = bundle
+	if out, err := c.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("crun spec: %v: %s", err, out)
+	}
+	path := filepath.Join(bundle, "config.json")
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	var spec map[string]any
+	if err := json.Unmarshal(raw, &spec); err != nil {
+		return "", err
+	}
+	proc, _ := spec["process"].(map[string]any)
+	if proc == nil {
+		return "", fmt.Errorf("crun spec: no process")
+	}
+	proc["args"] = []string{"/bin/true"}
+	proc["terminal"] = false
+	raw, _ = json.MarshalIndent(spec, "", "  ")
+	return bundle, os.WriteFile(path, raw, 0o644)
+}
+
+// runCrunHelper re-executes this binary in a new mount namespace, where
+// it mounts cgroup2 and times crun.
+func runCrunHelper(bin, bundle string, runs int) ([]time.Duration, error) {
+	c := exec.Command(bin, "bench", "vmm", "--crun-helper", bundle, "--runs", strconv.Itoa(runs))
+	c.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWNS}
+	out, err := c.Output()
+	if err != nil {
+		if ee, ok := err.(*exec.ExitError); ok {
+			return nil, fmt.Errorf("crun helper: %v: %s", err, ee.Stderr)
+		}
+		return nil, err
+	}
+	var ns []int64
+	if err := json.Unmarshal(out, &ns); err != nil {
+		return nil, fmt.Errorf("crun helper output: %w", err)
+	}
+	d := make([]time.Duration, len(ns))
+	for i, v := range ns {
+		d[i] = time.Duration(v)
+	}
+	return d, nil
+}
+
+func crunHelperMain(w io.Writer, bundle string, runs int) error {
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("private mounts: %w", err)
+	}
+	if err := unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, ""); err != nil {
+		return fmt.Errorf("mount cgroup2: %w", err)
+	}
+	root, err := os.MkdirTemp("", "crun-root-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(root)
+	var out []int64
+	for i := 0; i < runs; i++ {
+		id := fmt.Sprintf("cube-bench-%d-%d", os.Getpid(), i)
+		c := exec.Command("crun", "--root", root, "--cgroup-manager=disabled", "run", "--bundle", bundle, id)
+		start := time.Now()
+		b, err := c.CombinedOutput()
+		d := time.Since(start)
+		if err != nil {
+			return fmt.Errorf("crun run: %v: %s", err, b)
+		}
+		out = append(out, int64(d))
+	}
+	return json.NewEncoder(w).Encode(out)
+}

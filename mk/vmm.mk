@@ -1,0 +1,17 @@
+# Go VMM (issue 6): busybox-static gives `cube bench vmm` a static /bin/true
+# for its crun peer; a short fuzz run of the VMM's input parsers.
+APT_PACKAGES += busybox-static crun
+TEST_TARGETS += fuzz-vmm
+
+VMM_FUZZTIME ?= 5s
+
+.PHONY: fuzz-vmm bench-vmm
+fuzz-vmm:
+	$(GO) test -run '^$$' -fuzz '^FuzzBusDispatch$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/vm
+	$(GO) test -run '^$$' -fuzz '^FuzzLoadKernel$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/boot
+	$(GO) test -run '^$$' -fuzz '^FuzzUART$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/devices/serial
+	$(GO) test -run '^$$' -fuzz '^FuzzI8042$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/devices/i8042
+	$(GO) test -run '^$$' -fuzz '^FuzzServer$$' -fuzztime $(VMM_FUZZTIME) ./internal/vmm/vmmapi
+
+bench-vmm: build
+	$(BIN)/cube bench vmm

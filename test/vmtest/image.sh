@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Builds the emulated L1 machine image for `make vmtest` and prints shell
+# assignments for the host harness (L1_KERNEL=..., L1_INITRD=...).
+#   test/vmtest/image.sh <work dir>
+# Inputs: Debian's generic kernel (l1kernel.sh, cached by version), the guest
+# kernel (kernel/build.sh, cached by source version + config), busybox-static,
+# and, built here every run (seconds): static `cube` and `cube-agent`, the
+# guest-side test binary, the guest root disk and the initramfs.
+set -euo pipefail
+exec 3>&1 1>&2  # only the final assignments go to stdout (fd 3)
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+work=${1:?usage: image.sh <work dir>}
+GO=${GO:-go}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+
+l1=$("$here/l1kernel.sh")
+rel=$(cat "$l1/release")
+guest=${GUEST_KERNEL_DIR:-$("$repo/kernel/build.sh")}
+
+root=$work/initrd
+rm -rf "$root" && mkdir -p "$root"/{bin,sbin,lib/modules,vmtest/guest,etc,root}
+
+# Static Go binaries.
+(cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube" ./cmd/cube)
+(cd "$repo" && CGO_ENABLED=0 $GO build -trimpath -o "$root/vmtest/cube-agent" ./cmd/cube-agent)
+(cd "$repo" && CGO_ENABLED=0 $GO test -c -tags vmtest -trimpath -o "$root/vmtest/vmtest.test" ./internal/vmtest)
+# The VMM packages' own tests, run again inside L1 on real KVM
+# (TestPackagesOnRealKVM). VMTEST_PKGS overrides the list.
+mkdir -p "$root/vmtest/pkg"
+pkgs=${VMTEST_PKGS:-$(cd "$repo" && $GO list -f '{{if .TestGoFiles}}{{.ImportPath}}{{end}}' ./internal/vmm/... 2>/dev/null || true)}
+[ "$pkgs" = none ] && pkgs=""
+for p in $pkgs; do
+  (cd "$repo" && CGO_ENABLED=0 $GO test -c -trimpath -o "$root/vmtest/pkg/$(echo "${p#*/internal/}" | tr / _).test" "$p")
+done
+
+# L1 userland: busybox, the kvm (and tun, for the guests' taps) modules in
+# dependency order, resolved from each module's .modinfo "depends=".
+cp /bin/busybox "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+install -m 0755 "$here/init.sh" "$root/init"
+mods=$l1/lib/modules/$rel/kernel
+declare -A seen=()
+order=()
+modpath() { find "$mods" -name "$1.ko" -o -name "${1//_/-}.ko" | head -1; }
+add() {
+  local name=${1//-/_} f dep
+  [ -n "${seen[$name]:-}" ] && return 0
+  seen[$name]=1
+  f=$(modpath "$1"); [ -n "$f" ] || f=$(modpath "${1//_/-}")
+  [ -n "$f" ] || { echo "image: module $1 not found in $mods" >&2; exit 1; }
+  for dep in $(readelf -p .modinfo "$f" | sed -n 's/.*depends=//p' | tr ',' ' '); do add "$dep"; done
+  order+=("$f")
+}
+for m in kvm-amd tun; do add "$m"; done
+: > "$root/lib/modules/modules.list"
+for f in "${order[@]}"; do
+  b=$(basename "$f")
+  cp "$f" "$root/lib/modules/$b"
+  params=""
+  [ "$b" = kvm-amd.ko ] && params="nested=1"
+  echo "$b $params" >> "$root/lib/modules/modules.list"
+done
+
+# The guest: kernel and a small root disk (busybox + cube-agent).
+cp "$guest/bzImage" "$root/vmtest/guest/"
+strip -o "$root/vmtest/guest/vmlinux" "$guest/vmlinux"  # keeps the PVH note
+"$here/rootfs.sh" "$root/vmtest/cube-agent" "$work/rootfs.ext4" >&2
+cp "$work/rootfs.ext4" "$root/vmtest/guest/rootfs.ext4"
+l2=$work/l2-initrd
+mkdir -p "$l2/bin" "$l2/proc" "$l2/sys" "$l2/dev"
+cp /bin/busybox "$l2/bin/busybox"
+install -m 0755 "$here/l2init.sh" "$l2/init"
+(cd "$l2" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible > "$root/vmtest/guest/initrd.cpio")
+rm -rf "$l2"
+
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet --reproducible > "$work/l1-initrd.cpio")
+rm -rf "$root"
+cat >&3 <<OUT
+L1_KERNEL=$l1/vmlinuz
+L1_INITRD=$work/l1-initrd.cpio
+GUEST_KERNEL=$guest
+GUEST_ROOTFS=$work/rootfs.ext4
+OUT

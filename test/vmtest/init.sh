@@ -1,0 +1,54 @@
+#!/bin/busybox sh
+# /init of the emulated L1 machine (make vmtest). Loads the KVM modules,
+# runs the guest-side tests against the real /dev/kvm, prints markers for the
+# host harness (internal/vmtest: Report), and reboots, which ends QEMU
+# (reboot=t, -no-reboot). Every marker line starts with "@@cube-vmtest ".
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+ip link set lo up
+echo "@@cube-vmtest l1-up uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+finish() {
+  echo "@@cube-vmtest exit rc=$1"
+  if [ "$1" != 0 ]; then
+    echo "@@cube-vmtest-dmesg (last 60 kernel lines)"
+    dmesg | tail -n 60
+  fi
+  sync
+  reboot -f
+  sleep 5
+  echo b > /proc/sysrq-trigger
+}
+
+# modules.list: "<file> [params...]" in load order (test/vmtest/image.sh).
+while read -r ko params; do
+  name=${ko##*/}; name=${name%.ko}
+  if insmod "/lib/modules/$ko" $params; then
+    echo "@@cube-vmtest module $name ok"
+  else
+    echo "@@cube-vmtest module $name fail"
+    finish 98
+  fi
+done < /lib/modules/modules.list
+
+set -f  # the pattern may hold glob characters
+run=""
+for w in $(cat /proc/cmdline); do
+  case "$w" in cube.run=*) run=${w#cube.run=} ;; esac
+done
+export CUBE_VMTEST_DIR=/vmtest
+cd /vmtest
+echo "@@cube-vmtest begin"
+if [ -n "$run" ]; then
+  ./vmtest.test -test.v -test.timeout=10m -test.run "$run"
+else
+  ./vmtest.test -test.v -test.timeout=10m
+fi
+finish $?
