@@ -44,7 +44,7 @@ func newBenchRestore() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if crunHelper != "" {
-				return crunHelperMain(crunHelper, n, crunConc, cmd.OutOrStdout())
+				return restoreCrunHelper(crunHelper, n, crunConc, cmd.OutOrStdout())
 			}
 			var concs []int
 			for _, f := range strings.Split(concList, ",") {
@@ -85,7 +85,7 @@ func (l latencies) pct(p int) time.Duration {
 	return s[i]
 }
 
-func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000) }
+func msStr(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000) }
 
 // parallel runs f(0..n-1) on c workers.
 func parallel(n, c int, f func(i int) error) error {
@@ -222,7 +222,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 		memAlloc = s.Blocks * 512
 	}
 	fmt.Fprintf(out, "synthetic guest: %d MiB RAM, 1 vCPU, virtio-rng with a request in flight; snapshot taken in %s: state file %d bytes, memory file %.1f MiB allocated\n",
-		st.MemSize>>20, ms(takeDur), stFI.Size(), float64(memAlloc)/(1<<20))
+		st.MemSize>>20, msStr(takeDur), stFI.Size(), float64(memAlloc)/(1<<20))
 
 	var rows []restoreRow
 	ctx := context.Background()
@@ -309,12 +309,12 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 	for _, r := range rows {
 		inv, pss := "-", "-"
 		if len(r.inVMM) > 0 {
-			inv = ms(r.inVMM.pct(50))
+			inv = msStr(r.inVMM.pct(50))
 		}
 		if r.pssAvg > 0 {
 			pss = fmt.Sprintf("%.2f MiB (anon %.2f, file %.2f; RSS %.1f; sum of %d: %.0f MiB)", mib(r.pssAvg), mib(r.anonAvg), mib(r.fileAvg), mib(r.rssAvg), n, mib(r.pssSum))
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\n", r.c, r.path, len(r.lat), ms(r.lat.pct(50)), ms(r.lat.pct(99)), inv, pss)
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\n", r.c, r.path, len(r.lat), msStr(r.lat.pct(50)), msStr(r.lat.pct(99)), inv, pss)
 		if strings.HasPrefix(r.path, "crun") {
 			crunP50[r.c] = r.lat.pct(50)
 		}
@@ -422,9 +422,9 @@ func runCrun(work string, n, c int) (latencies, error) {
 	return lat, nil
 }
 
-// crunHelperMain runs in a private mount namespace: mount cgroup2 and
+// restoreCrunHelper runs in a private mount namespace: mount cgroup2 and
 // time n crun runs; prints the latencies (ns) as JSON.
-func crunHelperMain(bundle string, n, c int, out io.Writer) error {
+func restoreCrunHelper(bundle string, n, c int, out io.Writer) error {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make / private: %w", err)
 	}

@@ -174,8 +174,8 @@ func (c *Controller) Status() vmmapi.Status {
 		return s
 	}
 	s.State = m.VM.State().String()
-	if !m.VM.Metrics.StartedAt.IsZero() {
-		s.Uptime = time.Since(m.VM.Metrics.StartedAt).Seconds()
+	if !m.VM.Metrics.StartedAt().IsZero() {
+		s.Uptime = time.Since(m.VM.Metrics.StartedAt()).Seconds()
 	}
 	if s.State == "stopped" {
 		r := m.VM.Wait()

@@ -92,10 +92,10 @@ func Build(o vmmapi.Options, x Extra) (machine.Spec, func(), error) {
 		}
 		id := d.ID
 		if id == "" {
-			id = fmt.Sprintf("cube-disk-%d", i)
+			id = fmt.Sprintf("disk%d", i)
 		}
 		dev := blk.New(disk, id)
-		s.Virtio = append(s.Virtio, transport(fmt.Sprintf("disk%d", i), dev, x.Log))
+		s.Virtio = append(s.Virtio, transport("blk-"+id, dev, x.Log))
 	}
 	tap := x.Tap
 	if tap == nil && o.TapFD > 0 {
@@ -128,10 +128,10 @@ func Build(o vmmapi.Options, x Extra) (machine.Spec, func(), error) {
 			return fail(err)
 		}
 		closers = append(closers, dev)
-		s.Virtio = append(s.Virtio, transport("vsock", dev, x.Log))
+		s.Virtio = append(s.Virtio, transport("vsock0", dev, x.Log))
 	}
 	if o.RNG {
-		s.Virtio = append(s.Virtio, transport("rng", rng.New(), x.Log))
+		s.Virtio = append(s.Virtio, transport("rng0", rng.New(), x.Log))
 	}
 	return s, cleanup, nil
 }

@@ -57,7 +57,7 @@ const (
 func Spec() machine.Spec {
 	return machine.Spec{
 		KernelFormat: boot.FormatRaw, MemSize: MemSize, VCPUs: 1,
-		Virtio: []machine.VirtioDevice{{Name: "rng", Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
+		Virtio: []machine.VirtioDevice{{Name: "rng0", Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
 			return virtio.NewTransport(rng.New(), mem, irq, virtio.Options{NoEventIdx: true}), nil
 		}}},
 	}
