@@ -107,10 +107,10 @@ func TakeDiff(v *vm.VM, fromDir string, base *State, dir string, o Options) (*Di
 	s.Meta.Labels = o.Labels
 	runs, err := DirtyRuns(v.Mem.Host())
 	if err != nil {
-		return nil, errs.Wrap(errs.Internal, err, "diff snapshot")
+		return nil, errs.Wrap(errs.Internal, err, "diff snapshot: %v", err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, errs.Wrap(errs.Internal, err, "snapshot dir")
+		return nil, errs.Wrap(errs.Internal, err, "snapshot dir %s: %v", dir, err)
 	}
 	total := len(runs)
 	for _, l := range base.Meta.Layers {
@@ -177,7 +177,7 @@ func linkInto(fromDir, dir, name string) error {
 		err = os.Symlink(abs, dst)
 	}
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "link %s into %s", src, dir)
+		return errs.Wrap(errs.Internal, err, "link %s into %s: %v", src, dir, err)
 	}
 	return nil
 }

@@ -277,7 +277,7 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 	s.Meta.Created = time.Now().UTC().Format(time.RFC3339Nano)
 	s.Meta.Labels = o.Labels
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, errs.Wrap(errs.Internal, err, "snapshot dir")
+		return nil, errs.Wrap(errs.Internal, err, "snapshot dir %s: %v", dir, err)
 	}
 	if err := writeMemory(filepath.Join(dir, MemoryFile), v.Mem.Host(), nil); err != nil {
 		return nil, err
@@ -325,7 +325,7 @@ func writeFileAtomic(path string, b []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "write %s", path)
+		return errs.Wrap(errs.Internal, err, "write %s: %v", path, err)
 	}
 	_, err = f.Write(b)
 	if err == nil {
@@ -339,7 +339,7 @@ func writeFileAtomic(path string, b []byte) error {
 	}
 	if err != nil {
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "write %s", path)
+		return errs.Wrap(errs.Internal, err, "write %s: %v", path, err)
 	}
 	return nil
 }
@@ -362,12 +362,12 @@ func writeMemory(path string, mem []byte, runs []Run) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "memory file")
+		return errs.Wrap(errs.Internal, err, "memory file %s: %v", path, err)
 	}
 	fail := func(err error) error {
 		f.Close()
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "write memory file %s", path)
+		return errs.Wrap(errs.Internal, err, "write memory file %s: %v", path, err)
 	}
 	if err := f.Truncate(int64(len(mem))); err != nil {
 		return fail(err)
@@ -414,11 +414,11 @@ func writeMemory(path string, mem []byte, runs []Run) error {
 	}
 	if err := f.Close(); err != nil {
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "memory file")
+		return errs.Wrap(errs.Internal, err, "memory file %s: %v", path, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "memory file")
+		return errs.Wrap(errs.Internal, err, "memory file %s: %v", path, err)
 	}
 	return nil
 }
