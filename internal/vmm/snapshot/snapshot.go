@@ -120,6 +120,20 @@ func Capture(v *vm.VM) (*State, error) {
 		return nil, errs.E(errs.FailedPrecondition, "snapshot: vm is running; pause it first")
 	}
 	s := &State{Meta: Meta{MemSize: v.Mem.Size(), VCPUs: len(v.CPUs), MemFile: MemoryFile}}
+	if v.State() == vm.StatePaused {
+		// A vCPU parked right after a PIO/MMIO exit still owes KVM the
+		// completion of that instruction; KVM_RUN with immediate_exit set
+		// (Pause sets it) completes it and returns EINTR without entering
+		// the guest, so the saved registers are past the instruction.
+		for _, c := range v.CPUs {
+			if !c.ImmediateExit() {
+				return nil, errs.E(errs.Internal, "snapshot: vcpu %d paused without immediate_exit", c.ID)
+			}
+			if err := c.Run(); err != nil && err != unix.EINTR {
+				return nil, errs.Wrap(errs.Internal, err, "snapshot: complete pending I/O on vcpu %d: %v", c.ID, err)
+			}
+		}
+	}
 	for _, c := range v.CPUs {
 		cs, err := captureVCPU(v.System(), c.VCPU)
 		if err != nil {
