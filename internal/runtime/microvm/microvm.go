@@ -37,6 +37,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
@@ -937,18 +939,69 @@ func linkOrCopy(src, dst string) error {
 	return copySparse(src, dst)
 }
 
-// copySparse copies a (sparse) file keeping its holes.
+// copySparse copies a (sparse) file keeping its holes (SEEK_DATA /
+// SEEK_HOLE, copy_file_range: reflinks where the filesystem can).
 func copySparse(src, dst string) error {
-	if _, err := os.Stat(src); errors.Is(err, os.ErrNotExist) {
+	in, err := os.Open(src)
+	if errors.Is(err, os.ErrNotExist) {
 		// No overlay yet (nothing written): the copy is empty too.
 		return nil
 	}
-	out, err := exec.Command("cp", "--sparse=always", "--reflink=auto", src, dst).CombinedOutput()
 	if err != nil {
-		return errs.E(errs.Internal, "copy %s: %v: %s", src, err, out)
+		return errs.Wrap(errs.Internal, err, "copy %s: %v", src, err)
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "copy %s: %v", src, err)
+	}
+	tmp := dst + ".tmp"
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "copy to %s: %v", dst, err)
+	}
+	fail := func(err error) error {
+		out.Close()
+		os.Remove(tmp)
+		return errs.Wrap(errs.Internal, err, "copy %s to %s: %v", src, dst, err)
+	}
+	size := st.Size()
+	if err := out.Truncate(size); err != nil {
+		return fail(err)
+	}
+	ifd, ofd := int(in.Fd()), int(out.Fd())
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(ifd, off, unix.SEEK_DATA)
+		if err == unix.ENXIO {
+			break
+		}
+		if err != nil {
+			return fail(err)
+		}
+		hole, err := unix.Seek(ifd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return fail(err)
+		}
+		for p := data; p < hole; {
+			ip, op := p, p
+			n, err := unix.CopyFileRange(ifd, &ip, ofd, &op, int(min(hole-p, 1<<30)), 0)
+			if err != nil || n == 0 {
+				if err == nil {
+					err = io.ErrUnexpectedEOF
+				}
+				return fail(err)
+			}
+			p += int64(n)
+		}
+		off = hole
+	}
+	if err := out.Close(); err != nil {
+		os.Remove(tmp)
+		return errs.Wrap(errs.Internal, err, "copy to %s: %v", dst, err)
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		os.Remove(tmp)
+		return errs.Wrap(errs.Internal, err, "copy to %s: %v", dst, err)
 	}
 	return nil
 }
-
-// Dir is the runtime's state directory.
-func (r *Runtime) Dir() string { return r.o.Dir }

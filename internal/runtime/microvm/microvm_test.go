@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -398,4 +399,31 @@ func TestConformance(t *testing.T) {
 		},
 	})
 	_ = strings.TrimSpace
+}
+
+func TestCopySparse(t *testing.T) {
+	d := t.TempDir()
+	src := filepath.Join(d, "src")
+	f, _ := os.Create(src)
+	f.Truncate(64 << 20)
+	f.WriteAt([]byte("head"), 0)
+	f.WriteAt([]byte("middle"), 32<<20)
+	f.WriteAt([]byte("tail"), 64<<20-4)
+	f.Close()
+	dst := filepath.Join(d, "dst")
+	if err := copySparse(src, dst); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(src)
+	b, _ := os.ReadFile(dst)
+	if string(a) != string(b) {
+		t.Fatal("copy differs")
+	}
+	fi, _ := os.Stat(dst)
+	if blocks := fi.Sys().(*syscall.Stat_t).Blocks * 512; blocks > 4<<20 {
+		t.Fatalf("copy is not sparse: %d bytes allocated", blocks)
+	}
+	if err := copySparse(filepath.Join(d, "missing"), filepath.Join(d, "x")); err != nil {
+		t.Fatal(err)
+	}
 }
