@@ -1005,3 +1005,6 @@ func copySparse(src, dst string) error {
 	}
 	return nil
 }
+
+// Dir is the runtime's state directory.
+func (r *Runtime) Dir() string { return r.o.Dir }
