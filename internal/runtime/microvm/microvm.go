@@ -970,6 +970,8 @@ func copySparse(src, dst string) error {
 		return fail(err)
 	}
 	ifd, ofd := int(in.Fd()), int(out.Fd())
+	plain := false
+	var buf []byte
 	for off := int64(0); off < size; {
 		data, err := unix.Seek(ifd, off, unix.SEEK_DATA)
 		if err == unix.ENXIO {
@@ -983,8 +985,23 @@ func copySparse(src, dst string) error {
 			return fail(err)
 		}
 		for p := data; p < hole; {
-			ip, op := p, p
-			n, err := unix.CopyFileRange(ifd, &ip, ofd, &op, int(min(hole-p, 1<<30)), 0)
+			var n int
+			if !plain {
+				ip, op := p, p
+				n, err = unix.CopyFileRange(ifd, &ip, ofd, &op, int(min(hole-p, 1<<30)), 0)
+				if err == unix.EXDEV || err == unix.EINVAL || err == unix.ENOSYS || err == unix.EOPNOTSUPP {
+					plain, err = true, nil // another filesystem: read and write
+					continue
+				}
+			} else {
+				if buf == nil {
+					buf = make([]byte, 1<<20)
+				}
+				n, err = unix.Pread(ifd, buf[:min(hole-p, int64(len(buf)))], p)
+				if err == nil && n > 0 {
+					n, err = unix.Pwrite(ofd, buf[:n], p)
+				}
+			}
 			if err != nil || n == 0 {
 				if err == nil {
 					err = io.ErrUnexpectedEOF

@@ -426,4 +426,17 @@ func TestCopySparse(t *testing.T) {
 	if err := copySparse(filepath.Join(d, "missing"), filepath.Join(d, "x")); err != nil {
 		t.Fatal(err)
 	}
+	// Across filesystems (tmpfs to the temp dir's): copy_file_range may
+	// refuse; the plain read/write path must take over.
+	if shm, err := os.MkdirTemp("/dev/shm", "cube-copy-"); err == nil {
+		defer os.RemoveAll(shm)
+		x := filepath.Join(shm, "x")
+		os.WriteFile(x, []byte("cross-device"), 0o644)
+		if err := copySparse(x, filepath.Join(d, "y")); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(d, "y")); string(b) != "cross-device" {
+			t.Fatalf("cross-device copy %q", b)
+		}
+	}
 }
