@@ -738,7 +738,7 @@ func initBody(env map[string]string, token string) map[string]any {
 // agentInit posts body to /init on the envd port, retrying while the
 // agent's vsock listener comes back after the transport reset.
 func agentInit(ctx context.Context, uds string, body map[string]any) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	raw, _ := json.Marshal(body)
 	hc := vsockHTTP(uds, runtime.EnvdPort)

@@ -228,13 +228,26 @@ func Apply(v *vm.VM, s *State) error {
 	return nil
 }
 
+const msrTSCDeadline = 0x6e0
+
 func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 	if len(s.CPUID) > 0 {
 		if err := c.SetCPUID2(s.CPUID); err != nil {
 			return err
 		}
 	}
-	if err := c.SetMSRs(s.MSRs); err != nil {
+	// MSR_IA32_TSC_DEADLINE is ignored unless the LAPIC timer is in
+	// TSC-deadline mode: set it after the LAPIC, or a restored guest's
+	// pending timer never fires (and an idle guest never wakes).
+	var msrs, late []kvm.MSREntry
+	for _, m := range s.MSRs {
+		if m.Index == msrTSCDeadline {
+			late = append(late, m)
+		} else {
+			msrs = append(msrs, m)
+		}
+	}
+	if err := c.SetMSRs(msrs); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.ID, err)
 	}
 	if err := c.SetSregs(s.Sregs); err != nil {
@@ -254,6 +267,9 @@ func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 	}
 	if err := c.SetLAPIC(s.LAPIC); err != nil {
 		return err
+	}
+	if err := c.SetMSRs(late); err != nil {
+		return fmt.Errorf("vcpu %d: %w", c.ID, err)
 	}
 	if err := c.SetMPState(s.MP); err != nil {
 		return err
