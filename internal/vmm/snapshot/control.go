@@ -4,6 +4,7 @@ package snapshot
 
 import (
 	"encoding/binary"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
@@ -199,6 +200,11 @@ func (c *Controller) Metrics() vmmapi.Metrics {
 // Snapshot writes a snapshot of the running VM (full, or a diff layer
 // over the snapshot it was restored from).
 func (c *Controller) Snapshot(r vmmapi.SnapshotRequest) (vmmapi.SnapshotReply, error) {
+	rep, err := c.snapshot(r)
+	return rep, described(err)
+}
+
+func (c *Controller) snapshot(r vmmapi.SnapshotRequest) (vmmapi.SnapshotReply, error) {
 	v, err := c.vm()
 	if err != nil {
 		return vmmapi.SnapshotReply{}, err
@@ -265,6 +271,21 @@ func loadCached(dir string) (*State, error) {
 
 // Restore builds the VM from the snapshot in r.Dir and starts it.
 func (c *Controller) Restore(r vmmapi.RestoreRequest) (vmmapi.RestoreReply, error) {
+	rep, err := c.restore(r)
+	return rep, described(err)
+}
+
+// described gives plain errors (KVM ioctls, files) a message: the
+// control socket's client is the node, which must see why.
+func described(err error) error {
+	var e *errs.Error
+	if err == nil || errors.As(err, &e) {
+		return err
+	}
+	return errs.Wrap(errs.Internal, err, "%v", err)
+}
+
+func (c *Controller) restore(r vmmapi.RestoreRequest) (vmmapi.RestoreReply, error) {
 	t0 := time.Now()
 	c.mu.Lock()
 	if c.m != nil {
