@@ -759,8 +759,16 @@ func (m *Manager) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 
 // Close stops the pool and destroys idle slots. Active slots stay in place
 // (their sandboxes keep running) so that the next process can Adopt them;
-// their DNS forwarders stop until then.
+// their DNS forwarders stop until then. The prefix lock is released: a
+// new Manager (in this process or another) can adopt them.
 func (m *Manager) Close() error {
+	err := m.shutdown()
+	m.releaseLock()
+	return err
+}
+
+// shutdown is Close keeping the prefix lock.
+func (m *Manager) shutdown() error {
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
@@ -796,7 +804,12 @@ func (m *Manager) Close() error {
 // Purge closes the manager and removes every slot, orphan and the host
 // table of its prefix (tests, uninstall).
 func (m *Manager) Purge() error {
-	_ = m.Close()
+	_ = m.shutdown()
+	if m.lock == nil { // closed before: take the prefix back
+		if err := m.takeLock(); err != nil {
+			return err
+		}
+	}
 	m.mu.Lock()
 	act := m.active
 	m.active = map[string]*slot{}

@@ -751,7 +751,13 @@ func (r *Runtime) dial(ctx context.Context, m *sandboxMeta, port int) (net.Conn,
 	if m.Net.ID != "" && r.opts.Slots != nil {
 		return r.opts.Slots.Dial(ctx, m.Net.ID, port)
 	}
-	return dialInNetns(ctx, r.netnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(port)))
+	// A caller's slot without a provider: its router namespace (runsc
+	// takes eth0's address away from the guest namespace's kernel).
+	nsPath := r.netnsPath(m)
+	if m.Net.NetnsPath != "" && m.Net.RouterNetnsPath != "" {
+		nsPath = m.Net.RouterNetnsPath
+	}
+	return dialInNetns(ctx, nsPath, net.JoinHostPort(guestIP(m), strconv.Itoa(port)))
 }
 
 // Pause checkpoints the sandbox to disk and stops it.
