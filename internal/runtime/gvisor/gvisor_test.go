@@ -51,8 +51,20 @@ func newRuntime(t testing.TB, pool int) *Runtime {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { rt.Close() })
+	cleanupAll(t, rt)
 	return rt
+}
+
+// cleanupAll destroys whatever rt still runs when the test ends (a failed
+// test included), then closes it.
+func cleanupAll(t testing.TB, rt *Runtime) {
+	t.Cleanup(func() {
+		list, _ := rt.List(context.Background())
+		for _, i := range list {
+			rt.Destroy(context.Background(), i.ID)
+		}
+		rt.Close()
+	})
 }
 
 func harness(rt *Runtime, tid string) conformance.Harness {
@@ -133,6 +145,7 @@ func TestReadoptAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	cleanupAll(t, rt1)
 	tid := bakeBase(t, rt1)
 	for _, id := range []string{"keep", "sleepy", "crashed"} {
 		if _, err := rt1.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: tid}); err != nil {
@@ -180,7 +193,7 @@ func newRuntimeAt(t *testing.T, dir string) *Runtime {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { rt.Close() })
+	cleanupAll(t, rt)
 	return rt
 }
 
@@ -335,7 +348,7 @@ func TestSlotProvider(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rt.Close()
+	cleanupAll(t, rt)
 	tid := bakeBase(t, rt)
 	ctx := context.Background()
 	for rt.PoolReady(tid) < 1 {
@@ -385,13 +398,12 @@ func TestRealNetworkSlots(t *testing.T) {
 	if err != nil {
 		t.Skipf("network manager unavailable here: %v", err)
 	}
-	defer m.Purge()
-	defer m.Close()
+	t.Cleanup(func() { m.Close(); m.Purge() }) // after the runtime's cleanup
 	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runsc, PoolSize: 1, Slots: m})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rt.Close()
+	cleanupAll(t, rt)
 	tid := bakeBase(t, rt)
 	ctx := context.Background()
 	deadline := time.Now().Add(time.Minute)

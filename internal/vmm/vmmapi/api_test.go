@@ -70,7 +70,7 @@ func TestServerRoutes(t *testing.T) {
 		{"POST", "/start", 409, `"kind":"conflict"`},
 		{"GET", "/pause", 404, "no such endpoint"},
 		{"POST", "/pause", 200, `"paused"`},
-		{"POST", "/snapshot", 501, "issue 7"},
+		{"POST", "/snapshot", 501, "not supported"},
 		{"DELETE", "/nope", 404, "no such endpoint"},
 	} {
 		rec := httptest.NewRecorder()

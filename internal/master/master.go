@@ -1,0 +1,121 @@
+// Package master is the control plane's view of the nodes: it picks the
+// node a new sandbox goes to (the scheduler) and routes per-sandbox
+// operations to the node that owns the sandbox. In the all-in-one server
+// there is one node, the local one; the cluster split (cube node --join)
+// adds remote nodes behind the same Node interface.
+package master
+
+import (
+	"context"
+	"net"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/node"
+	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/store"
+)
+
+// Node is what the master needs from a node. *node.Node implements it.
+type Node interface {
+	ID() string
+	Free() int
+	Capacity() int
+	Create(ctx context.Context, req node.CreateRequest) (*store.Sandbox, error)
+	Get(id string) (*store.Sandbox, error)
+	Kill(ctx context.Context, id string) error
+	Pause(ctx context.Context, id string) error
+	Resume(ctx context.Context, id string, timeout time.Duration) (*store.Sandbox, error)
+	Connect(ctx context.Context, id string, timeout time.Duration) (*store.Sandbox, bool, error)
+	SetTimeout(ctx context.Context, id string, timeout time.Duration) error
+	Refresh(ctx context.Context, id string, d time.Duration) error
+	SetNetwork(ctx context.Context, id string, allowInternet *bool, nw store.Network) error
+	Stats(ctx context.Context, id string) (runtime.Stats, error)
+	Dial(ctx context.Context, id string, port int, allowResume bool) (net.Conn, error)
+	Counts() map[store.SandboxState]int
+}
+
+var _ Node = (*node.Node)(nil)
+
+// Master schedules sandboxes onto nodes.
+type Master struct {
+	st *store.Store
+
+	mu    sync.RWMutex
+	nodes map[string]Node // guarded by mu
+}
+
+// New returns a Master over the given nodes.
+func New(st *store.Store, nodes ...Node) *Master {
+	m := &Master{st: st, nodes: map[string]Node{}}
+	for _, n := range nodes {
+		m.nodes[n.ID()] = n
+	}
+	return m
+}
+
+// Nodes returns the nodes, by id.
+func (m *Master) Nodes() []Node {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	out := make([]Node, 0, len(m.nodes))
+	for _, n := range m.nodes {
+		out = append(out, n)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID() < out[j].ID() })
+	return out
+}
+
+// Create places a sandbox on the node with the most free slots. If a node
+// fills between the choice and the reservation the next one is tried;
+// when all are full the error is ResourceExhausted with a retry hint, and
+// with no node at all it is Unavailable.
+func (m *Master) Create(ctx context.Context, req node.CreateRequest) (*store.Sandbox, error) {
+	nodes := m.Nodes()
+	if len(nodes) == 0 {
+		return nil, &errs.Error{Kind: errs.Unavailable, Msg: "no node is available", RetryAfter: 10 * time.Second}
+	}
+	sort.SliceStable(nodes, func(i, j int) bool { return nodes[i].Free() > nodes[j].Free() })
+	var lastErr error
+	for _, n := range nodes {
+		if n.Free() <= 0 {
+			continue
+		}
+		sb, err := n.Create(ctx, req)
+		if err == nil {
+			return sb, nil
+		}
+		if !errs.Is(err, errs.ResourceExhausted) {
+			return nil, err
+		}
+		lastErr = err
+	}
+	if lastErr != nil {
+		return nil, lastErr
+	}
+	return nil, &errs.Error{Kind: errs.ResourceExhausted, Msg: "all nodes are at capacity, retry later", RetryAfter: 5 * time.Second}
+}
+
+// Locate returns the live sandbox id and its node; NotFound if no node
+// has it live.
+func (m *Master) Locate(ctx context.Context, id string) (*store.Sandbox, Node, error) {
+	for _, n := range m.Nodes() {
+		if sb, err := n.Get(id); err == nil {
+			return sb, n, nil
+		}
+	}
+	return nil, nil, errs.E(errs.NotFound, "sandbox %q not found", id)
+}
+
+// Counts sums the live sandboxes per state over all nodes.
+func (m *Master) Counts() map[store.SandboxState]int {
+	out := map[store.SandboxState]int{}
+	for _, n := range m.Nodes() {
+		for k, v := range n.Counts() {
+			out[k] += v
+		}
+	}
+	return out
+}

@@ -1,0 +1,186 @@
+// End-to-end: the stock E2B SDKs (e2b 2.51.0, @e2b/code-interpreter 2.8.0,
+// and e2b 2.45.0 which uses the v1 create/connect routes) against a real
+// `cube server` on the gVisor runtime with the built-in templates. Only the
+// three environment variables of the compatibility spec point them at Cube.
+import { describe, test, before, after } from 'node:test'
+import assert from 'node:assert/strict'
+import { execFileSync } from 'node:child_process'
+import path from 'node:path'
+import { startServer, require, sleep } from './harness.mjs'
+
+const [major, minor] = process.versions.node.split('.').map(Number)
+const nodeOK = major > 20 || (major === 20 && minor >= 18)
+
+describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.51 needs node >= 20.18 (have ${process.versions.node})` }, () => {
+  let srv, Sandbox, CISandbox, Sandbox245, errors
+  before(async () => {
+    srv = await startServer()
+    ;({ Sandbox } = require('e2b'))
+    errors = require('e2b')
+    ;({ Sandbox: CISandbox } = require('@e2b/code-interpreter'))
+    ;({ Sandbox: Sandbox245 } = require('e2b-245'))
+  })
+  after(async () => {
+    if (!srv) return
+    const left = await srv.stop()
+    assert.deepEqual(left, [], 'processes left behind after the server stopped')
+  })
+
+  test('create, getInfo, list, commands, kill, isRunning (e2b 2.51)', async () => {
+    const sbx = await Sandbox.create('base', { envs: { CUBE_E2E: 'yes' }, metadata: { suite: 'e2e', case: 'basic' } })
+    assert.match(sbx.sandboxId, /^[a-z0-9]+$/)
+    const info = await sbx.getInfo()
+    assert.equal(info.sandboxId, sbx.sandboxId)
+    assert.equal(info.state, 'running')
+    assert.equal(info.metadata.case, 'basic')
+    const r = await sbx.commands.run('echo hello $CUBE_E2E; id -un')
+    assert.equal(r.exitCode, 0)
+    assert.match(r.stdout, /^hello yes\n/)
+    await assert.rejects(sbx.commands.run('exit 3'), (e) => e.exitCode === 3)
+    const page = await Sandbox.list({ query: { metadata: { case: 'basic' } } }).nextItems()
+    assert.deepEqual(page.map((s) => s.sandboxId), [sbx.sandboxId])
+    assert.equal(await sbx.isRunning(), true)
+    assert.equal(await sbx.kill(), true)
+    assert.equal(await sbx.isRunning(), false)
+    assert.equal(await Sandbox.kill(sbx.sandboxId), false)
+    await assert.rejects(sbx.getInfo(), errors.SandboxNotFoundError ?? Error)
+  })
+
+  test('files: write, read, list, exists (e2b 2.51)', async () => {
+    const sbx = await Sandbox.create('base')
+    try {
+      await sbx.files.write('/tmp/e2e/a.txt', 'alpha')
+      await sbx.files.write([{ path: '/tmp/e2e/b.bin', data: new Uint8Array([0, 1, 2, 255]).buffer }])
+      assert.equal(await sbx.files.read('/tmp/e2e/a.txt'), 'alpha')
+      const bytes = await sbx.files.read('/tmp/e2e/b.bin', { format: 'bytes' })
+      assert.deepEqual([...bytes], [0, 1, 2, 255])
+      const names = (await sbx.files.list('/tmp/e2e')).map((e) => e.name).sort()
+      assert.deepEqual(names, ['a.txt', 'b.bin'])
+      assert.equal(await sbx.files.exists('/tmp/e2e/nope'), false)
+      const r = await sbx.commands.run('cat /tmp/e2e/a.txt')
+      assert.equal(r.stdout, 'alpha')
+    } finally {
+      await sbx.kill()
+    }
+  })
+
+  test('runCode returns a PNG (code-interpreter 2.8)', async () => {
+    const sbx = await CISandbox.create()
+    try {
+      const ex = await sbx.runCode('x = 41\nx + 1')
+      assert.equal(ex.text, '42')
+      const plot = await sbx.runCode('import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [3, 1, 2])\nplt.show()')
+      assert.equal(plot.error, undefined)
+      const png = plot.results.find((r) => r.png)
+      assert.ok(png, 'a result with a PNG')
+      assert.ok(Buffer.from(png.png, 'base64').subarray(0, 4).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47])))
+    } finally {
+      await sbx.kill()
+    }
+  })
+
+  test('setTimeout expiry kills the sandbox', async () => {
+    const sbx = await Sandbox.create('base', { timeoutMs: 120_000 })
+    await sbx.setTimeout(2_000)
+    await sleep(4_000)
+    assert.equal(await sbx.isRunning(), false)
+    await assert.rejects(sbx.getInfo())
+  })
+
+  test('pause and connect keep files and a running process', async () => {
+    const sbx = await Sandbox.create('base')
+    try {
+      await sbx.files.write('/home/user/keep.txt', 'kept across pause')
+      const bg = await sbx.commands.run('sleep 600', { background: true })
+      assert.equal(await sbx.pause(), true)
+      assert.equal((await sbx.getInfo()).state, 'paused')
+      assert.equal(await sbx.isRunning(), false)
+      const again = await Sandbox.connect(sbx.sandboxId)
+      assert.equal(again.sandboxId, sbx.sandboxId)
+      assert.equal((await again.getInfo()).state, 'running')
+      assert.equal(await again.files.read('/home/user/keep.txt'), 'kept across pause')
+      const procs = await again.commands.list()
+      assert.ok(procs.some((p) => p.pid === bg.pid), `pid ${bg.pid} still running: ${JSON.stringify(procs)}`)
+    } finally {
+      await Sandbox.kill(sbx.sandboxId)
+    }
+  })
+
+  test('list filters by metadata and state', async () => {
+    const a = await Sandbox.create('base', { metadata: { team: 'red', run: 'list' } })
+    const b = await Sandbox.create('base', { metadata: { team: 'blue', run: 'list' } })
+    try {
+      await b.pause()
+      const red = await Sandbox.list({ query: { metadata: { team: 'red', run: 'list' } } }).nextItems()
+      assert.deepEqual(red.map((s) => s.sandboxId), [a.sandboxId])
+      const paused = await Sandbox.list({ query: { state: ['paused'], metadata: { run: 'list' } } }).nextItems()
+      assert.deepEqual(paused.map((s) => s.sandboxId), [b.sandboxId])
+      const p = Sandbox.list({ query: { metadata: { run: 'list' } }, limit: 1 })
+      const ids = []
+      while (p.hasNext) ids.push(...(await p.nextItems()).map((s) => s.sandboxId))
+      assert.deepEqual(ids.sort(), [a.sandboxId, b.sandboxId].sort())
+    } finally {
+      await a.kill()
+      await Sandbox.kill(b.sandboxId)
+    }
+  })
+
+  test('two API keys cannot see each other\'s sandboxes', async () => {
+    const mine = await Sandbox.create('base', { apiKey: srv.key2, metadata: { owner: 'two' } })
+    try {
+      const seen = await Sandbox.list({ query: { metadata: { owner: 'two' } } }).nextItems()
+      assert.equal(seen.length, 0, 'key one sees key two\'s sandbox')
+      const own = await Sandbox.list({ apiKey: srv.key2, query: { metadata: { owner: 'two' } } }).nextItems()
+      assert.equal(own.length, 1)
+      await assert.rejects(Sandbox.connect(mine.sandboxId))
+      assert.equal(await Sandbox.kill(mine.sandboxId), false)
+      assert.equal(await mine.isRunning(), true)
+    } finally {
+      await mine.kill()
+    }
+  })
+
+  test('cube sandbox CLI: create, exec, pause, resume, ls, kill', async () => {
+    const cube = (...args) => execFileSync(path.join(process.env.CUBE_BIN, 'cube'), ['sandbox', ...args],
+      { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] }).toString()
+    const id = cube('create', 'base', '--metadata', 'via=cli').trim()
+    assert.match(id, /^[a-z0-9]+$/)
+    assert.equal(cube('exec', id, 'echo', 'from', 'cli'), 'from cli\n')
+    assert.throws(() => cube('exec', id, 'exit 7'), (e) => e.status === 7)
+    cube('pause', id)
+    assert.match(cube('ls'), new RegExp(`${id}\\s+base\\s+paused`))
+    cube('resume', id)
+    assert.equal(cube('exec', id, 'echo', 'back'), 'back\n')
+    cube('kill', id)
+    assert.doesNotMatch(cube('ls'), new RegExp(id))
+  })
+
+  test('SIGKILL of cube server: running sandboxes re-adopted, paused ones resumable', async () => {
+    const run = await Sandbox.create('base', { metadata: { crash: 'run' } })
+    const pau = await Sandbox.create('base', { metadata: { crash: 'pause' } })
+    await run.files.write('/home/user/state.txt', 'survives')
+    const bg = await run.commands.run('sleep 600', { background: true })
+    await pau.files.write('/home/user/state.txt', 'paused state')
+    await pau.pause()
+    await srv.restart('SIGKILL')
+    const info = await Sandbox.getInfo(run.sandboxId)
+    assert.equal(info.state, 'running')
+    assert.equal(await run.files.read('/home/user/state.txt'), 'survives')
+    assert.ok((await run.commands.list()).some((p) => p.pid === bg.pid), 'background process survives the restart')
+    assert.equal((await Sandbox.getInfo(pau.sandboxId)).state, 'paused')
+    const back = await Sandbox.connect(pau.sandboxId)
+    assert.equal(await back.files.read('/home/user/state.txt'), 'paused state')
+    assert.equal(await run.kill(), true)
+    assert.equal(await back.kill(), true)
+  })
+
+  test('e2b 2.45 (v1 routes): create, commands, connect, kill', async () => {
+    const sbx = await Sandbox245.create('base')
+    const r = await sbx.commands.run('echo v1')
+    assert.equal(r.stdout, 'v1\n')
+    const again = await Sandbox245.connect(sbx.sandboxId)
+    assert.equal((await again.commands.run('echo again')).stdout, 'again\n')
+    assert.equal(await sbx.kill(), true)
+    assert.equal(await sbx.isRunning(), false)
+  })
+})
