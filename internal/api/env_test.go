@@ -110,7 +110,7 @@ func (e *env) do(method, path, key string, body any, hdr ...string) resp {
 		}
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
-	c := &http.Client{Timeout: 20 * time.Second}
+	c := &http.Client{Timeout: 10 * time.Second}
 	res, err := c.Do(req)
 	if err != nil {
 		e.t.Fatalf("%s %s: %v", method, path, err)

@@ -241,6 +241,9 @@ func (n *Node) transition(ctx context.Context, sb *store.Sandbox, to store.Sandb
 		return errs.E(errs.Conflict, "sandbox %q is %s, cannot become %s", sb.ID, from, to)
 	}
 	sb.State = to
+	if to == store.StateRunning && from != store.StatePausing {
+		sb.Gen++
+	}
 	now := n.now().UTC()
 	switch to {
 	case store.StatePaused:
