@@ -6,7 +6,8 @@ VIRTIO_PKG  := ./internal/vmm/devices/virtio
 VIRTIO_FUZZ := $(VIRTIO_PKG):FuzzDescriptorChain:30000x \
                $(VIRTIO_PKG):FuzzMMIOWrites:30000x \
                $(VIRTIO_PKG)/blk:FuzzBlkRequest:20000x \
-               $(VIRTIO_PKG)/vsock:FuzzVsockPacket:20000x
+               $(VIRTIO_PKG)/vsock:FuzzVsockPacket:20000x \
+               $(VIRTIO_PKG)/vsock:FuzzVsockSession:10000x
 
 TEST_TARGETS += vmm-fuzz
 

@@ -36,7 +36,7 @@ func main() {
 }
 
 func run() error {
-	envdAddr := flag.String("envd-addr", ":49983", "TCP address of the envd API (empty = none)")
+	envdAddr := flag.String("envd-addr", ":49983", "TCP address of the envd API (unix:/path for a Unix socket; empty = none)")
 	interpAddr := flag.String("interp-addr", ":49999", "TCP address of the code interpreter (empty = none)")
 	defaultUser := flag.String("default-user", "", "user for requests that name none (default: user if it exists, else root)")
 	ensureUser := flag.Bool("ensure-user", true, "create the account `user` (home /home/user) if absent")

@@ -3,11 +3,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"math"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,6 +37,7 @@ func newBenchVMM() *cobra.Command {
 		memMiB     int
 		crunHelper string
 		noCrun     bool
+		agent      agentBench
 	)
 	cmd := &cobra.Command{
 		Use:   "vmm",
@@ -48,13 +52,17 @@ namespace with cgroup2 mounted, --cgroup-manager=disabled).`,
 			if crunHelper != "" {
 				return crunHelperMain(cmd.OutOrStdout(), crunHelper, runs)
 			}
-			return benchVMM(cmd.Context(), cmd.OutOrStdout(), runs, memMiB, noCrun)
+			return benchVMM(cmd.Context(), cmd.OutOrStdout(), runs, memMiB, noCrun, agent)
 		},
 	}
 	cmd.Flags().IntVar(&runs, "runs", 30, "iterations per variant")
 	cmd.Flags().IntVar(&memMiB, "mem", 256, "guest RAM in MiB")
 	cmd.Flags().BoolVar(&noCrun, "no-crun", false, "skip the crun peer")
 	cmd.Flags().StringVar(&crunHelper, "crun-helper", "", "internal: run crun in this bundle (in a private mount namespace)")
+	cmd.Flags().StringVar(&agent.kernel, "agent-kernel", "", "boot-to-agent-ready: guest kernel (needs hardware KVM)")
+	cmd.Flags().StringVar(&agent.rootfs, "agent-rootfs", "", "boot-to-agent-ready: root disk image with cube-agent (used read-only with a throwaway overlay)")
+	cmd.Flags().StringVar(&agent.cmdline, "agent-cmdline", "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw init=/sbin/cube-agent", "boot-to-agent-ready: kernel command line")
+	cmd.Flags().IntVar(&agent.port, "agent-port", 49983, "boot-to-agent-ready: agent port over vsock")
 	_ = cmd.Flags().MarkHidden("crun-helper")
 	return cmd
 }
@@ -125,7 +133,7 @@ func vmmFirstByte(ctx context.Context, bin, kernel, dir string, memMiB int, jail
 	return time.Since(start), nil
 }
 
-func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool) error {
+func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, agent agentBench) error {
 	if runs < 1 {
 		return errs.E(errs.InvalidArgument, "--runs must be positive")
 	}
@@ -168,10 +176,29 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool) e
 	if !noCrun && crun.err == nil {
 		crun.samples, crun.err = runCrunHelper(bin, crunBundle, runs)
 	}
+	var ready *benchStats
+	if agent.kernel != "" {
+		ready = &benchStats{name: "cube vmm: exec -> agent /health over vsock (Linux boot)"}
+		if kind := hostKVMKind(); strings.HasPrefix(kind, "KVM-PVM") {
+			ready.err = fmt.Errorf("skipped: no stock Linux boots on KVM-PVM")
+		}
+		for i := 0; i < min(runs, 10) && ready.err == nil; i++ {
+			d, err := agent.run(ctx, bin, dir, memMiB, i)
+			if err != nil {
+				ready.err = err
+				break
+			}
+			ready.samples = append(ready.samples, d)
+		}
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "variant\truns\tp50 ms\tp99 ms\tmin ms\tp50 vs crun\n")
 	base := crun.pct(0.5)
-	for _, s := range []*benchStats{plain, jailed, crun} {
+	all := []*benchStats{plain, jailed, crun}
+	if ready != nil {
+		all = append(all, ready)
+	}
+	for _, s := range all {
 		if s.err != nil {
 			fmt.Fprintf(tw, "%s\terror: %v\n", s.name, s.err)
 			continue
@@ -308,4 +335,74 @@ func crunHelperMain(w io.Writer, bundle string, runs int) error {
 		out = append(out, int64(d))
 	}
 	return json.NewEncoder(w).Encode(out)
+}
+
+// agentBench boots a real guest with cube-agent as init and times exec
+// to the agent answering GET /health through the vsock bridge.
+type agentBench struct {
+	kernel, rootfs, cmdline string
+	port                    int
+}
+
+func (a agentBench) run(ctx context.Context, bin, dir string, memMiB, i int) (time.Duration, error) {
+	if a.rootfs == "" {
+		return 0, fmt.Errorf("--agent-rootfs is required with --agent-kernel")
+	}
+	uds := filepath.Join(dir, fmt.Sprintf("vsock%d.sock", i))
+	overlay := filepath.Join(dir, fmt.Sprintf("overlay%d.cow", i))
+	defer os.Remove(overlay)
+	o := vmmapi.Options{Kernel: a.kernel, MemMiB: memMiB, VCPUs: 1, Cmdline: a.cmdline, VsockUDS: uds, VsockCID: 3,
+		Disks: []vmmapi.Disk{{Base: a.rootfs, Overlay: overlay}}}
+	c := exec.Command(bin, append([]string{"vmm"}, o.Args()...)...)
+	c.Env = append(os.Environ(), "GODEBUG=updatemaxprocs=0")
+	start := time.Now()
+	if err := c.Start(); err != nil {
+		return 0, err
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- c.Wait() }()
+	defer func() {
+		c.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			c.Process.Kill()
+			<-exited
+		}
+	}()
+	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			conn, err := d.DialContext(ctx, "unix", uds)
+			if err != nil {
+				return nil, err
+			}
+			fmt.Fprintf(conn, "CONNECT %d\n", a.port)
+			line, err := bufio.NewReader(io.LimitReader(conn, 64)).ReadString('\n')
+			if err != nil || !strings.HasPrefix(line, "OK ") {
+				conn.Close()
+				return nil, fmt.Errorf("vsock bridge: %q %v", line, err)
+			}
+			return conn, nil
+		},
+	}}
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-exited:
+			exited <- err
+			return 0, fmt.Errorf("vmm exited before the agent answered: %v", err)
+		default:
+		}
+		resp, err := hc.Get("http://agent/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode < 300 {
+				return time.Since(start), nil
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return 0, fmt.Errorf("agent not ready after 2 minutes")
 }

@@ -163,6 +163,36 @@ func runJailed(ctx context.Context, o vmmapi.Options, uid, gid int, log *slog.Lo
 	return nil
 }
 
+// serialLogMax bounds what a guest can write to the console log, so a
+// guest printing forever cannot fill the host's disk.
+const serialLogMax = 64 << 20
+
+// cappedWriter passes through up to left bytes, then drops the rest
+// (with one marker line).
+type cappedWriter struct {
+	mu   sync.Mutex
+	w    io.Writer
+	left int64
+}
+
+func (c *cappedWriter) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.left <= 0 {
+		return len(p), nil
+	}
+	n := int64(len(p))
+	if n > c.left {
+		n = c.left
+	}
+	_, err := c.w.Write(p[:n])
+	c.left -= n
+	if c.left <= 0 {
+		_, _ = io.WriteString(c.w, "\n[cube vmm: console log limit reached, further output dropped]\n")
+	}
+	return len(p), err
+}
+
 // vmmController adapts a machine to the control API.
 type vmmController struct {
 	m       *machine.Machine
@@ -219,6 +249,8 @@ func (c *vmmController) Status() vmmapi.Status {
 	}
 	return s
 }
+
+func (c *vmmController) VCPUs() ([]vmmapi.VCPURegs, error) { return vmmapi.ReadVCPUs(c.m.VM) }
 
 func (c *vmmController) Metrics() vmmapi.Metrics {
 	ms := c.m.VM.MetricsSnapshot()
@@ -298,14 +330,16 @@ func vmmMain(o vmmapi.Options, log *slog.Logger) (int, error) {
 	switch o.SerialLog {
 	case "":
 	case "-":
-		serialOut = os.Stdout
+		// A reader that went away must not kill the VMM with SIGPIPE.
+		signal.Ignore(syscall.SIGPIPE)
+		serialOut = &cappedWriter{w: os.Stdout, left: serialLogMax}
 	default:
 		f, err := os.OpenFile(o.SerialLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 		if err != nil {
 			return 0, errs.Wrap(errs.InvalidArgument, err, "serial log")
 		}
 		defer f.Close()
-		serialOut = f
+		serialOut = &cappedWriter{w: f, left: serialLogMax}
 	}
 	var resultFile *os.File
 	if o.ResultFile != "" {

@@ -53,6 +53,8 @@ type Config struct {
 	SlotMode string `json:"slotMode" env:"CUBE_SLOT_MODE" default:"auto"`
 	// SlotConnRate limits new outbound connections per second per sandbox (0 = no limit).
 	SlotConnRate int `json:"slotConnRate" env:"CUBE_SLOT_CONN_RATE" default:"200"`
+	// SlotMaxConns limits concurrent outbound connections per sandbox (0 = no limit).
+	SlotMaxConns int `json:"slotMaxConns" env:"CUBE_SLOT_MAX_CONNS" default:"4096"`
 	// SlotDNSUpstream is the resolver the per-slot DNS forwarders ask
 	// (host:port; empty = first nameserver of /etc/resolv.conf).
 	SlotDNSUpstream string `json:"slotDNSUpstream" env:"CUBE_SLOT_DNS_UPSTREAM" default:""`

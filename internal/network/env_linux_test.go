@@ -38,11 +38,13 @@ type testEnv struct {
 	inetHost   netip.Addr // host side of the internet veth
 	inetA      netip.Addr // web + dns server
 	inetB      netip.Addr // second address (domain tests)
+	inetPriv   netip.Addr // a private address in the internet namespace (DNS rebinding test)
 	udpSeen    chan string
 	closers    []func()
 	nsRange    netip.Prefix
 	tapRange   netip.Prefix
 	staleRange netip.Prefix
+	limRange   netip.Prefix
 	hostListen net.Listener // a "host service" on all addresses
 }
 
@@ -89,10 +91,12 @@ func setupEnv() (*testEnv, error) {
 	e.nsRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third))
 	e.tapRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+1))
 	e.staleRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+2))
+	e.limRange = netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", second, third+3))
 	o := pid % 250
 	e.inetHost = netip.MustParseAddr(fmt.Sprintf("198.18.%d.1", o))
 	e.inetA = netip.MustParseAddr(fmt.Sprintf("198.18.%d.2", o))
 	e.inetB = netip.MustParseAddr(fmt.Sprintf("198.18.%d.3", o))
+	e.inetPriv = netip.MustParseAddr(fmt.Sprintf("172.31.%d.2", o))
 	e.inetName = e.prefix + "inet"
 	e.inetLink = e.prefix + "i0"
 	if err := e.setupInternet(); err != nil {
@@ -193,7 +197,14 @@ func (e *testEnv) setupInternet() error {
 			return err
 		}
 	}
+	if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipnet(e.inetPriv, 32)}); err != nil {
+		return err
+	}
 	if err := h.LinkSetUp(eth); err != nil {
+		return err
+	}
+	// Host route to the private address, through the test's own link only.
+	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: hl.Attrs().Index, Dst: ipnet(e.inetPriv, 32), Gw: e.inetA.AsSlice()}); err != nil {
 		return err
 	}
 	return inNS(e.inetNS, func() error {
@@ -254,8 +265,8 @@ func (e *testEnv) setupInternet() error {
 	})
 }
 
-// dnsAnswer: www.allowed.test and allowed.test -> inetB, anything else
-// -> inetA.
+// dnsAnswer: www.allowed.test and allowed.test -> inetB, lan.allowed.test
+// -> inetPriv, anything else -> inetA.
 func (e *testEnv) dnsAnswer(q []byte) []byte {
 	var p dnsmessage.Parser
 	h, err := p.Start(q)
@@ -271,8 +282,11 @@ func (e *testEnv) dnsAnswer(q []byte) []byte {
 	_ = b.Question(qq)
 	_ = b.StartAnswers()
 	ip := e.inetA
-	if qq.Name.String() == "www.allowed.test." || qq.Name.String() == "allowed.test." {
+	switch qq.Name.String() {
+	case "www.allowed.test.", "allowed.test.":
 		ip = e.inetB
+	case "lan.allowed.test.":
+		ip = e.inetPriv
 	}
 	if qq.Type == dnsmessage.TypeA {
 		_ = b.AResource(dnsmessage.ResourceHeader{Name: qq.Name, Class: dnsmessage.ClassINET, TTL: 60}, dnsmessage.AResource{A: ip.As4()})
@@ -342,7 +356,7 @@ func httpClientIn(ns netns.NsHandle) *http.Client {
 	return &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return dialFrom(ns, "tcp4", addr, 2*time.Second)
+			return dialFrom(ns, "tcp4", addr, time.Second)
 		}}}
 }
 

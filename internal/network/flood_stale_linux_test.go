@@ -200,3 +200,46 @@ func (m *Manager) crashForTest() {
 		}
 	}
 }
+
+// TestConcurrentConnectionLimit: a slot holds at most MaxConns outbound
+// connections; closing some makes room again.
+func TestConcurrentConnectionLimit(t *testing.T) {
+	m, err := NewManagerWith(Options{Prefix: env.prefix + "l", HostRange: env.limRange, PoolSize: 0, Mode: ModeNetns,
+		MaxConns: 20, DNSUpstream: env.inetA.String() + ":53"}, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Purge()
+	s, err := m.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Release(context.Background(), s.ID)
+	ns := guestNS(t, s)
+	var conns []interface{ Close() error }
+	failed := 0
+	for i := 0; i < 30; i++ {
+		c, err := dialFrom(ns, "tcp4", env.inetA.String()+":7", 400*time.Millisecond)
+		if err != nil {
+			failed++
+			continue
+		}
+		conns = append(conns, c)
+	}
+	if len(conns) > 21 || failed < 9 {
+		t.Fatalf("%d connections held with a limit of 20 (%d failed)", len(conns), failed)
+	}
+	for _, c := range conns[:10] {
+		c.Close()
+	}
+	conns = conns[10:]
+	time.Sleep(200 * time.Millisecond)
+	c, err := dialFrom(ns, "tcp4", env.inetA.String()+":7", 2*time.Second)
+	if err != nil {
+		t.Fatalf("no room after closing connections: %v", err)
+	}
+	c.Close()
+	for _, c := range conns {
+		c.Close()
+	}
+}

@@ -6,6 +6,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,6 +55,12 @@ func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 // runInGVisor runs a python3 one-liner in a gVisor sandbox whose network
 // namespace is the slot's guest namespace.
 func runInGVisor(t *testing.T, runsc, rootfs, nsPath, code string) (string, error) {
+	return runInGVisorDuring(t, runsc, rootfs, nsPath, code, nil)
+}
+
+// runInGVisorDuring is runInGVisor calling during (if not nil) while the
+// sandbox runs.
+func runInGVisorDuring(t *testing.T, runsc, rootfs, nsPath, code string, during func()) (string, error) {
 	t.Helper()
 	dir := t.TempDir()
 	spec := map[string]any{
@@ -78,11 +87,19 @@ func runInGVisor(t *testing.T, runsc, rootfs, nsPath, code string) (string, erro
 	defer cancel()
 	cmd := exec.CommandContext(ctx, runsc, "--root="+root, "--network=sandbox", "--ignore-cgroups",
 		"--overlay2=none", "run", "--bundle", dir, cid)
-	out, err := cmd.CombinedOutput()
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Start()
+	if err == nil {
+		if during != nil {
+			during()
+		}
+		err = cmd.Wait()
+	}
 	_ = exec.Command(runsc, "--root="+root, "delete", "--force", cid).Run()
 	for unix.Unmount(filepath.Join(root, "null-netns"), unix.MNT_DETACH) == nil {
 	}
-	return string(out), err
+	return out.String(), err
 }
 
 // TestGVisorSandboxInSlot runs a real gVisor sandbox in a netns-mode slot:
@@ -101,12 +118,54 @@ func TestGVisorSandboxInSlot(t *testing.T) {
 	if err != nil || !strings.Contains(out, "internet ") {
 		t.Fatalf("gVisor sandbox egress: %v\n%s", err, out)
 	}
+	// runsc keeps eth0's address when it exits: a second sandbox in the
+	// same slot needs PrepareGuest.
+	if err := env.nsMgr.PrepareGuest(s.ID); err != nil {
+		t.Fatal(err)
+	}
 	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowInternetAccess: Bool(false)}); err != nil {
 		t.Fatal(err)
 	}
+	before := counter(t, env.nsMgr, s.ID, "cube/egress")
 	out, err = runInGVisor(t, runsc, rootfs, s.NetnsPath, code)
 	if err == nil || strings.Contains(out, "internet ") {
 		t.Fatalf("gVisor sandbox reached the internet with it turned off:\n%s", out)
+	}
+	if after := counter(t, env.nsMgr, s.ID, "cube/egress"); after <= before {
+		t.Errorf("the denied request was not dropped by the policy (counter %d -> %d)", before, after)
+	}
+	if err := env.nsMgr.PrepareGuest(s.ID); err != nil {
+		t.Fatal(err)
+	}
+	// Ingress: a web server in the gVisor sandbox is reachable through Dial
+	// (what the proxy uses), from the router namespace.
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{}); err != nil {
+		t.Fatal(err)
+	}
+	server := "import http.server as h\n" +
+		"class H(h.BaseHTTPRequestHandler):\n" +
+		"  def do_GET(s):\n    s.send_response(200); s.end_headers(); s.wfile.write(b'gvisor sandbox')\n" +
+		"  def log_message(s, *a): pass\n" +
+		"h.HTTPServer(('0.0.0.0', 8000), H).handle_request()\n"
+	var body string
+	out, err = runInGVisorDuring(t, runsc, rootfs, s.NetnsPath, server, func() {
+		tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return env.nsMgr.Dial(ctx, s.ID, 8000)
+		}}
+		defer tr.CloseIdleConnections()
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			r, err := (&http.Client{Transport: tr, Timeout: 3 * time.Second}).Get("http://sandbox/")
+			if err != nil {
+				continue
+			}
+			b, _ := io.ReadAll(r.Body)
+			r.Body.Close()
+			body = string(b)
+			return
+		}
+	})
+	if body != "gvisor sandbox" {
+		t.Fatalf("web server in the gVisor sandbox via Dial: got %q (%v)\n%s", body, err, out)
 	}
 	// Wiping (what Release does before pooling) restores the guest side
 	// runsc took over: the next user of the slot has a working eth0.

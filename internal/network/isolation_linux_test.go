@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -68,18 +69,26 @@ func TestIsolation(t *testing.T) {
 	}
 
 	bRouter := netip.MustParseAddr(b.HostIP).Next().String()
-	mustFailDial(t, nsA, net.JoinHostPort(b.HostIP, "8080"), "A -> B host-side address")
-	mustFailDial(t, nsA, net.JoinHostPort(bRouter, "8080"), "A -> B router address")
-	mustFailDial(t, nsA, net.JoinHostPort(a.HostIP, fmt.Sprint(hostPort)), "A -> own host-side address (host service)")
-	mustFailDial(t, nsA, net.JoinHostPort(env.inetHost.String(), fmt.Sprint(hostPort)), "A -> host address on another link")
+	type target struct{ addr, what string }
+	targets := []target{
+		{net.JoinHostPort(b.HostIP, "8080"), "A -> B host-side address"},
+		{net.JoinHostPort(bRouter, "8080"), "A -> B router address"},
+		{net.JoinHostPort(a.HostIP, fmt.Sprint(hostPort)), "A -> own host-side address (host service)"},
+		{net.JoinHostPort(env.inetHost.String(), fmt.Sprint(hostPort)), "A -> host address on another link"},
+		{fmt.Sprintf("127.0.0.1:%d", hostPort), "A -> host loopback service"},
+	}
 	for _, r := range hostAddrs() {
 		ip := netip.AddrFrom4([4]byte{byte(r.lo >> 24), byte(r.lo >> 16), byte(r.lo >> 8), byte(r.lo)})
-		if ip.IsLoopback() {
-			continue
+		if !ip.IsLoopback() {
+			targets = append(targets, target{netip.AddrPortFrom(ip, uint16(hostPort)).String(), "A -> host address " + ip.String()})
 		}
-		mustFailDial(t, nsA, netip.AddrPortFrom(ip, uint16(hostPort)).String(), "A -> host address "+ip.String())
 	}
-	mustFailDial(t, nsA, fmt.Sprintf("127.0.0.1:%d", hostPort), "A -> host loopback service")
+	var wg sync.WaitGroup
+	for _, x := range targets {
+		wg.Add(1)
+		go func() { defer wg.Done(); mustFailDial(t, nsA, x.addr, x.what) }()
+	}
+	wg.Wait()
 	before := counter(t, env.nsMgr, a.ID, "cube/egress")
 	mustFailDial(t, nsA, "169.254.169.254:80", "A -> metadata")
 	if after := counter(t, env.nsMgr, a.ID, "cube/egress"); after <= before {

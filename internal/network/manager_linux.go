@@ -35,6 +35,7 @@ type Options struct {
 	PoolSize    int          // slots kept ready
 	Mode        Mode
 	ConnRate    int    // new connections per second per slot; 0 = unlimited
+	MaxConns    int    // concurrent outbound connections per slot; 0 = unlimited
 	DNSUpstream string // host:port
 	// AdoptGrace: orphans not adopted this long after start are reaped
 	// (0 = 2 minutes; negative = only by ReapStale).
@@ -81,7 +82,7 @@ func NewManager(cfg config.Config, log *slog.Logger) (*Manager, error) {
 		}
 	}
 	return NewManagerWith(Options{Prefix: cfg.SlotPrefix, HostRange: r, PoolSize: cfg.SlotPoolSize,
-		Mode: mode, ConnRate: cfg.SlotConnRate, DNSUpstream: cfg.SlotDNSUpstream}, log)
+		Mode: mode, ConnRate: cfg.SlotConnRate, MaxConns: cfg.SlotMaxConns, DNSUpstream: cfg.SlotDNSUpstream}, log)
 }
 
 // NewManagerWith builds a Manager: it installs the host-side nftables table
@@ -98,8 +99,8 @@ func NewManagerWith(o Options, log *slog.Logger) (*Manager, error) {
 	if o.Mode != ModeTap && o.Mode != ModeNetns {
 		return nil, errs.E(errs.InvalidArgument, "slot mode %q: want tap or netns", o.Mode)
 	}
-	if o.PoolSize < 0 || o.ConnRate < 0 {
-		return nil, errs.E(errs.InvalidArgument, "slot pool size and connection rate must not be negative")
+	if o.PoolSize < 0 || o.ConnRate < 0 || o.MaxConns < 0 {
+		return nil, errs.E(errs.InvalidArgument, "slot pool size, connection rate and connection limit must not be negative")
 	}
 	if o.DNSUpstream == "" {
 		o.DNSUpstream = defaultUpstream()
@@ -362,10 +363,20 @@ func (m *Manager) Adopt(ctx context.Context, ns runtime.NetSlot, p Policy) error
 		m.forget(s)
 		return errs.Wrap(errs.NotFound, err, "network slot %q is gone", ns.ID)
 	}
+	// The slot keeps the mode it was built with, whatever the config says now.
+	if h, herr := netlink.NewHandleAt(s.ns); herr == nil {
+		if _, lerr := h.LinkByName(tapName); lerr == nil {
+			s.mode, s.guestNS = ModeTap, ""
+		} else {
+			_, g, _ := m.names(idx)
+			s.mode, s.guestNS = ModeNetns, g
+		}
+		h.Close()
+	}
 	s.comp, s.pol = comp, p
 	c, err := s.nft()
 	if err == nil {
-		if err = buildSlotRules(c, s.guestIfName(), m.hard, comp, m.opts.ConnRate); err == nil {
+		if err = buildSlotRules(c, s.guestIfName(), m.hard, comp, m.opts.ConnRate, m.opts.MaxConns); err == nil {
 			err = c.Flush()
 		}
 	}
@@ -678,6 +689,35 @@ func (m *Manager) wipe(s *slot) error {
 	return nil
 }
 
+// PrepareGuest restores the guest side of an active netns-mode slot:
+// runsc (--network=sandbox) takes eth0's address and routes over and does
+// not give them back when it exits, so call this before starting another
+// sandbox process in a slot that has been used (restore after pause, a
+// second runsc). Release does it anyway. No-op in tap mode.
+func (m *Manager) PrepareGuest(id string) error {
+	s, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released {
+		return errs.E(errs.NotFound, "network slot %q not found", id)
+	}
+	if s.mode != ModeNetns {
+		return nil
+	}
+	g, err := netns.GetFromName(s.guestNS)
+	if err != nil {
+		return errs.Wrap(errs.Internal, err, "open guest namespace")
+	}
+	defer g.Close()
+	if err := configureGuestNS(g); err != nil {
+		return errs.Wrap(errs.Internal, err, "configure guest namespace")
+	}
+	return nil
+}
+
 // Dial connects to port on the guest of an active slot. The socket is
 // created in the slot's router namespace (setns on a locked OS thread) and
 // connects to GuestIP directly: no port of a sandbox is ever bound on the host.
@@ -719,8 +759,16 @@ func (m *Manager) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 
 // Close stops the pool and destroys idle slots. Active slots stay in place
 // (their sandboxes keep running) so that the next process can Adopt them;
-// their DNS forwarders stop until then.
+// their DNS forwarders stop until then. The prefix lock is released: a
+// new Manager (in this process or another) can adopt them.
 func (m *Manager) Close() error {
+	err := m.shutdown()
+	m.releaseLock()
+	return err
+}
+
+// shutdown is Close keeping the prefix lock.
+func (m *Manager) shutdown() error {
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
@@ -756,7 +804,12 @@ func (m *Manager) Close() error {
 // Purge closes the manager and removes every slot, orphan and the host
 // table of its prefix (tests, uninstall).
 func (m *Manager) Purge() error {
-	_ = m.Close()
+	_ = m.shutdown()
+	if m.lock == nil { // closed before: take the prefix back
+		if err := m.takeLock(); err != nil {
+			return err
+		}
+	}
 	m.mu.Lock()
 	act := m.active
 	m.active = map[string]*slot{}
@@ -784,6 +837,10 @@ func (m *Manager) Purge() error {
 	}
 	return nil
 }
+
+// Mode is the kind of slots this manager builds (tap for the microVM
+// runtime, netns for gVisor).
+func (m *Manager) Mode() Mode { return m.opts.Mode }
 
 // Stats are counts for metrics and tests.
 type Stats struct{ Pool, Active, Orphans int }

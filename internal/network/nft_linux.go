@@ -126,6 +126,7 @@ const (
 	setAllow   = "allow"
 	setDeny    = "deny"
 	setDNS     = "dns"
+	setPriv    = "priv"
 	arpTable   = "cubearp"
 	dnsMaxTTL  = time.Hour
 	dnsMinTTL  = 30 * time.Second
@@ -135,8 +136,8 @@ const (
 
 // slotSets are the sets of a slot table (IDs are only valid per batch).
 type slotSets struct {
-	table                  *nftables.Table
-	hard, allow, deny, dns *nftables.Set
+	table                        *nftables.Table
+	hard, allow, deny, dns, priv *nftables.Set
 }
 
 func newSlotSets() slotSets {
@@ -147,23 +148,30 @@ func newSlotSets() slotSets {
 	return slotSets{
 		table: t,
 		hard:  mk(setHard, 1), allow: mk(setAllow, 2), deny: mk(setDeny, 3),
-		dns: &nftables.Set{Table: t, Name: setDNS, ID: 4, KeyType: nftables.TypeIPAddr, HasTimeout: true},
+		dns:  &nftables.Set{Table: t, Name: setDNS, ID: 4, KeyType: nftables.TypeIPAddr, HasTimeout: true},
+		priv: mk(setPriv, 5),
 	}
 }
 
 // buildSlotRules programs the whole slot ruleset (both tables) in c's
 // batch. guestIf is the guest-facing interface in the router namespace.
-func buildSlotRules(c *nftables.Conn, guestIfName string, hard []ipRange, pol compiled, connRate int) error {
+func buildSlotRules(c *nftables.Conn, guestIfName string, hard []ipRange, pol compiled, connRate, maxConns int) error {
 	s := newSlotSets()
 	// Replace any previous ruleset of ours atomically.
 	c.AddTable(s.table)
 	c.DelTable(s.table)
 	c.AddTable(s.table)
-	for _, set := range []*nftables.Set{s.hard, s.allow, s.deny} {
+	var priv []ipRange
+	for _, r := range defaultDeny {
+		priv = append(priv, mustRange(r))
+	}
+	for _, set := range []*nftables.Set{s.hard, s.allow, s.deny, s.priv} {
 		var els []nftables.SetElement
 		switch set {
 		case s.hard:
 			els = rangeElems(hard)
+		case s.priv:
+			els = rangeElems(mergeRanges(priv))
 		case s.allow:
 			els = rangeElems(pol.allow)
 		case s.deny:
@@ -214,12 +222,19 @@ func buildSlotRules(c *nftables.Conn, guestIfName string, hard []ipRange, pol co
 			one(&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(connRate), Over: true, Unit: expr.LimitTimeSecond, Burst: uint32(connRate)}),
 			dropCounted())})
 	}
+	if maxConns > 0 {
+		// Concurrent connections (conntrack entries) per slot: a guest
+		// cannot fill the host's conntrack memory with idle connections.
+		c.AddRule(&nftables.Rule{Table: s.table, Chain: eg, Exprs: cat(ctState(expr.CtStateBitNEW),
+			one(&expr.Connlimit{Count: uint32(maxConns), Flags: expr.NFT_CONNLIMIT_F_INV}), dropCounted())})
+	}
 	for _, ch := range []struct {
 		c    *nftables.Chain
 		addr func() *expr.Payload
 	}{{eg, daddr4}, {in, saddr4}} {
 		c.AddRule(&nftables.Rule{Table: s.table, Chain: ch.c, Exprs: cat(one(ch.addr(), lookup(s.hard)), dropCounted())})
 		c.AddRule(&nftables.Rule{Table: s.table, Chain: ch.c, Exprs: cat(one(ch.addr(), lookup(s.allow)), verdict(expr.VerdictAccept))})
+		c.AddRule(&nftables.Rule{Table: s.table, Chain: ch.c, Exprs: cat(one(ch.addr(), lookup(s.priv)), dropCounted())})
 		c.AddRule(&nftables.Rule{Table: s.table, Chain: ch.c, Exprs: cat(one(ch.addr(), lookup(s.dns)), verdict(expr.VerdictAccept))})
 		c.AddRule(&nftables.Rule{Table: s.table, Chain: ch.c, Exprs: cat(one(ch.addr(), lookup(s.deny)), dropCounted())})
 		c.AddRule(&nftables.Rule{Table: s.table, Chain: ch.c, Exprs: verdict(expr.VerdictAccept)})

@@ -23,10 +23,11 @@ const MaxPolicyEntries = 10000
 // receives), first match wins:
 //  1. always denied: link-local (incl. 169.254.169.254), loopback, 0/8,
 //     multicast, reserved, the slot host range and the host's own addresses;
-//  2. AllowOut CIDRs and IPs learned from DNS answers for AllowOut domains: accept;
-//  3. DenyOut, 0.0.0.0/0 if AllowInternetAccess is false, and the private
-//     ranges (10/8, 172.16/12, 192.168/16, 100.64/10, 198.18/15 is NOT private): drop;
-//  4. accept.
+//  2. AllowOut CIDRs and IPs: accept;
+//  3. the private ranges 10/8, 172.16/12, 192.168/16, 100.64/10: drop;
+//  4. IPs learned from DNS answers for AllowOut domains: accept;
+//  5. DenyOut, and 0.0.0.0/0 if AllowInternetAccess is false: drop;
+//  6. accept.
 //
 // So allow wins over deny (as in E2B), and private ranges can be opened by
 // listing them in AllowOut.
@@ -55,7 +56,9 @@ type compiled struct {
 	denyAll bool     // 0.0.0.0/0 is in deny (internet off)
 }
 
-// defaultDeny are denied unless allowed (private and shared ranges).
+// defaultDeny are denied unless allowed by an allowOut CIDR (private and
+// shared ranges). Addresses learned from DNS answers do not open them (no
+// DNS rebinding into the host's LAN).
 var defaultDeny = []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"}
 
 // alwaysDeny can never be opened by a policy.
@@ -105,9 +108,6 @@ func compile(p Policy) (compiled, error) {
 	}
 	if p.AllowInternetAccess != nil && !*p.AllowInternetAccess {
 		deny = append(deny, ipRange{0, 0xffffffff})
-	}
-	for _, s := range defaultDeny {
-		deny = append(deny, mustRange(s))
 	}
 	c.allow = mergeRanges(allow)
 	c.deny = mergeRanges(deny)

@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/net/dns/dnsmessage"
+	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/errs"
 )
@@ -116,6 +118,23 @@ func TestPolicyDomains(t *testing.T) {
 	}
 	if !get(env.inetB) {
 		t.Error("address of a kept domain lost on update")
+	}
+	// DNS answers do not open private ranges (no rebinding into a LAN);
+	// an allowOut CIDR does.
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowOut: []string{"*.allowed.test"}}); err != nil {
+		t.Fatal(err)
+	}
+	if addrs, _, err := resolveIn(ns, "lan.allowed.test"); err != nil || len(addrs) != 1 || addrs[0] != env.inetPriv {
+		t.Fatalf("resolve lan.allowed.test: %v %v", addrs, err)
+	}
+	if get(env.inetPriv) {
+		t.Error("private address reachable through a DNS answer")
+	}
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{AllowOut: []string{"*.allowed.test", env.inetPriv.String()}}); err != nil {
+		t.Fatal(err)
+	}
+	if !get(env.inetPriv) {
+		t.Error("private address not reachable with an explicit allowOut")
 	}
 	// With the internet on, every name resolves.
 	if err := env.nsMgr.SetPolicy(s.ID, Policy{}); err != nil {
@@ -278,5 +297,67 @@ func TestPolicyUpdateRacesRelease(t *testing.T) {
 	}
 	if p, err := env.nsMgr.Policy(s.ID); err != nil || p.AllowInternetAccess != nil || len(p.AllowOut) != 0 {
 		t.Errorf("reused slot policy %+v %v", p, err)
+	}
+}
+
+// TestReleaseWipesConntrack: the wipe Release runs empties the slot's
+// conntrack table and the host's entries of the slot; a released slot is
+// gone for SetPolicy and Dial at once.
+func TestReleaseWipesConntrack(t *testing.T) {
+	s := acquire(t, env.nsMgr)
+	ns := guestNS(t, s)
+	c, err := dialFrom(ns, "tcp4", netip.AddrPortFrom(env.inetA, 7).String(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sl, err := env.nsMgr.get(s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := func() (slot, host int) {
+		h, err := netlink.NewHandleAt(sl.ns, unix.NETLINK_NETFILTER)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		fl, err := h.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hfl, err := netlink.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range hfl {
+			if f.Forward.SrcIP.Equal(sl.routerIP.AsSlice()) {
+				host++
+			}
+		}
+		return len(fl), host
+	}
+	if n, h := count(); n == 0 || h == 0 {
+		t.Fatalf("no conntrack entries to wipe (slot %d, host %d)", n, h)
+	}
+	sl.mu.Lock()
+	err = env.nsMgr.wipe(sl)
+	sl.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, h := count(); n != 0 || h != 0 {
+		t.Errorf("after wipe: %d slot and %d host conntrack entries", n, h)
+	}
+	if err := env.nsMgr.Release(context.Background(), s.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.nsMgr.SetPolicy(s.ID, Policy{}); !errs.Is(err, errs.NotFound) {
+		t.Errorf("SetPolicy on a released slot: %v", err)
+	}
+	if _, err := env.nsMgr.Dial(context.Background(), s.ID, 7); !errs.Is(err, errs.NotFound) {
+		t.Errorf("Dial on a released slot: %v", err)
+	}
+	if err := env.nsMgr.Release(context.Background(), s.ID); !errs.Is(err, errs.NotFound) {
+		t.Errorf("double Release: %v", err)
 	}
 }

@@ -136,10 +136,11 @@ func (m *Manager) createSlot(idx int) (s *slot, err error) {
 	}
 	// Router namespace.
 	if err = inNS(s.ns, func() error {
-		for _, kv := range [][2]string{{"net/ipv4/ip_forward", "1"}, {"net/ipv6/conf/all/disable_ipv6", "1"}, {"net/ipv6/conf/default/disable_ipv6", "1"}} {
-			if err := writeSysctl(kv[0], kv[1]); err != nil {
-				return err
-			}
+		if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+			return err
+		}
+		if err := disableIPv6(); err != nil {
+			return err
 		}
 		if s.mode == ModeTap {
 			return createTap(tapName)
@@ -206,7 +207,7 @@ func (m *Manager) createSlot(idx int) (s *slot, err error) {
 	if err != nil {
 		return s, err
 	}
-	if err = buildSlotRules(c, s.guestIfName(), m.hard, s.comp, m.opts.ConnRate); err != nil {
+	if err = buildSlotRules(c, s.guestIfName(), m.hard, s.comp, m.opts.ConnRate, m.opts.MaxConns); err != nil {
 		return s, err
 	}
 	if err = c.Flush(); err != nil {
@@ -223,12 +224,7 @@ func (m *Manager) createSlot(idx int) (s *slot, err error) {
 // calls this again.
 func configureGuestNS(gns netns.NsHandle) error {
 	if err := inNS(gns, func() error {
-		for _, p := range []string{"net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"} {
-			if err := writeSysctl(p, "1"); err != nil {
-				return err
-			}
-		}
-		return nil
+		return disableIPv6()
 	}); err != nil {
 		return err
 	}
@@ -261,6 +257,17 @@ func configureGuestNS(gns netns.NsHandle) error {
 	}
 	if err := g.RouteReplace(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: GatewayIP.AsSlice()}); err != nil {
 		return fmt.Errorf("guest default route: %w", err)
+	}
+	return nil
+}
+
+// disableIPv6 turns IPv6 off in the current thread's namespace (slots are
+// IPv4 only); a kernel without IPv6 is fine.
+func disableIPv6() error {
+	for _, p := range []string{"net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"} {
+		if err := writeSysctl(p, "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	return nil
 }

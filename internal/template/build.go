@@ -50,6 +50,7 @@ type ImageRequest struct {
 	ExposePorts []int
 	ProbePort   int
 	ProbePath   string
+	JobID       string // optional: a job id chosen by the caller
 }
 
 // Defaults for new templates.
@@ -87,7 +88,7 @@ func (b *Builder) set(ctx context.Context, r *Record, p Phase, frac float64, not
 
 // Prepare validates and records a new build in PENDING (so that a watcher
 // can follow it by JobID), returning the record.
-func (b *Builder) prepare(ctx context.Context, id, source string, aliases []string, allowRebuild bool) (Record, error) {
+func (b *Builder) prepare(ctx context.Context, id, source string, aliases []string, allowRebuild bool, jobID string) (Record, error) {
 	if !ValidID(id) {
 		return Record{}, errs.E(errs.InvalidArgument, "bad template id %q (lower-case letters, digits, ._-)", id)
 	}
@@ -99,7 +100,10 @@ func (b *Builder) prepare(ctx context.Context, id, source string, aliases []stri
 			return Record{}, errs.E(errs.AlreadyExists, "template %s already exists; delete it first", id)
 		}
 	}
-	r := Record{ID: id, Aliases: aliases, JobID: newJobID(), Source: source, CreatedAt: time.Now().UTC()}
+	if jobID == "" {
+		jobID = newJobID()
+	}
+	r := Record{ID: id, Aliases: aliases, JobID: jobID, Source: source, CreatedAt: time.Now().UTC()}
 	b.set(ctx, &r, PhasePending, 0, "")
 	return r, nil
 }
@@ -133,7 +137,7 @@ func (b *Builder) CreateBuiltin(ctx context.Context, name string) (Record, error
 	if old, err := b.Catalog.Get(ctx, rc.Name); err == nil && old.Phase == PhaseReady && old.Digest == digest {
 		return old, nil
 	}
-	r, err := b.prepare(ctx, rc.Name, "builtin:"+rc.Name, rc.Aliases, true)
+	r, err := b.prepare(ctx, rc.Name, "builtin:"+rc.Name, rc.Aliases, true, "")
 	if err != nil {
 		return r, err
 	}
@@ -175,7 +179,7 @@ func (b *Builder) PrepareImage(ctx context.Context, req ImageRequest) (Record, e
 		return Record{}, errs.E(errs.InvalidArgument, "no image given")
 	}
 	kind, loc := req.Source.Kind()
-	return b.prepare(ctx, req.TemplateID, kind+":"+loc, nil, false)
+	return b.prepare(ctx, req.TemplateID, kind+":"+loc, nil, false, req.JobID)
 }
 
 // RunImage runs a build prepared by PrepareImage to its end.

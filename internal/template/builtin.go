@@ -22,6 +22,11 @@ type Recipe struct {
 	Aliases  []string
 	Suite    string
 	Packages []string // --include for debootstrap --variant=minbase
+	// From, if set, names the recipe whose root filesystem this one starts
+	// from; AptPackages are then installed with apt-get in a chroot (apt
+	// resolves dependencies that debootstrap's --include does not).
+	From        string
+	AptPackages []string
 	// ExtraProbes are ports besides envd's that must answer /health.
 	ExtraProbes []int
 	MemoryMB    int
@@ -36,9 +41,8 @@ var builtins = map[string]Recipe{
 		MemoryMB: 512, DiskMB: 1024,
 	},
 	"code-interpreter": {
-		Name: "code-interpreter", Aliases: []string{"code-interpreter-v1"}, Suite: "bookworm",
-		Packages: []string{"bash", "ca-certificates", "procps", "python3", "sudo",
-			"python3-ipykernel", "python3-jupyter-client", "python3-numpy", "python3-pandas", "python3-matplotlib"},
+		Name: "code-interpreter", Aliases: []string{"code-interpreter-v1"}, Suite: "bookworm", From: "base",
+		AptPackages: []string{"python3-ipykernel", "python3-jupyter-client", "python3-numpy", "python3-pandas", "python3-matplotlib"},
 		ExtraProbes: []int{49999},
 		MemoryMB:    1024, DiskMB: 2048,
 	},
@@ -66,6 +70,9 @@ func BuiltinNames() []string { return []string{"base", "code-interpreter"} }
 func (r Recipe) Hash(mirror string) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "cube-recipe-v1\n%s\n%s\n%s\n%s\n", r.Name, r.Suite, mirror, strings.Join(r.Packages, ","))
+	if p, ok := builtins[r.From]; ok {
+		fmt.Fprintf(h, "from %s\napt %s\n", p.Hash(mirror), strings.Join(r.AptPackages, ","))
+	}
 	return hex.EncodeToString(h.Sum(nil))[:16]
 }
 
@@ -172,6 +179,13 @@ func BuiltinRootfs(ctx context.Context, cacheDir, mirror string, r Recipe, progr
 	tmp := dst + ".tmp"
 	os.RemoveAll(tmp)
 	os.RemoveAll(dst)
+	if parent, ok := builtins[r.From]; ok {
+		if err := buildFrom(ctx, cacheDir, mirror, parent, r, tmp, progress); err != nil {
+			os.RemoveAll(tmp)
+			return "", err
+		}
+		return finishCache(tmp, dst, mirror)
+	}
 	args := []string{"--variant=minbase", "--include=" + strings.Join(r.Packages, ","), r.Suite, tmp, mirror}
 	cmd := exec.CommandContext(ctx, "debootstrap", args...)
 	pr, pw := io.Pipe()
@@ -204,7 +218,11 @@ func BuiltinRootfs(ctx context.Context, cacheDir, mirror string, r Recipe, progr
 		os.RemoveAll(tmp)
 		return "", errs.Wrap(errs.Unavailable, err, "debootstrap %s: %s", r.Name, strings.Join(tail, " | "))
 	}
-	// Trim what a sandbox never needs.
+	return finishCache(tmp, dst, mirror)
+}
+
+// finishCache trims a built root filesystem and moves it into place.
+func finishCache(tmp, dst, mirror string) (string, error) {
 	for _, p := range []string{"var/cache/apt/archives", "var/lib/apt/lists"} {
 		ents, _ := os.ReadDir(filepath.Join(tmp, p))
 		for _, e := range ents {
@@ -220,4 +238,53 @@ func BuiltinRootfs(ctx context.Context, cacheDir, mirror string, r Recipe, progr
 		return "", errs.Wrap(errs.Internal, err, "cache")
 	}
 	return dst, nil
+}
+
+// buildFrom makes r's root filesystem in tmp: a copy of parent's, plus
+// r.AptPackages installed by apt-get in a chroot (the host's DNS config
+// copied in for the duration; no daemons started).
+func buildFrom(ctx context.Context, cacheDir, mirror string, parent, r Recipe, tmp string, progress func(string, float64)) error {
+	pdir, err := BuiltinRootfs(ctx, cacheDir, mirror, parent, func(note string, f float64) { progress(parent.Name+": "+note, f*0.3) })
+	if err != nil {
+		return err
+	}
+	progress("copying "+parent.Name, 0.3)
+	if out, err := exec.CommandContext(ctx, "cp", "-a", "--reflink=auto", pdir, tmp).CombinedOutput(); err != nil {
+		return errs.Wrap(errs.Internal, err, "copy %s: %s", parent.Name, strings.TrimSpace(string(out)))
+	}
+	resolv, _ := os.ReadFile("/etc/resolv.conf")
+	os.Remove(filepath.Join(tmp, "etc/resolv.conf"))
+	if err := os.WriteFile(filepath.Join(tmp, "etc/resolv.conf"), resolv, 0o644); err != nil {
+		return errs.Wrap(errs.Internal, err, "resolv.conf")
+	}
+	defer os.Remove(filepath.Join(tmp, "etc/resolv.conf"))
+	policy := filepath.Join(tmp, "usr/sbin/policy-rc.d")
+	os.WriteFile(policy, []byte("#!/bin/sh\nexit 101\n"), 0o755)
+	defer os.Remove(policy)
+	run := func(note string, frac float64, args ...string) error {
+		progress(note, frac)
+		cmd := exec.CommandContext(ctx, "chroot", append([]string{tmp}, args...)...)
+		cmd.Env = []string{"DEBIAN_FRONTEND=noninteractive", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C"}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return errs.Wrap(errs.Unavailable, err, "%s: %s", strings.Join(args, " "), lastLine(string(out)))
+		}
+		return nil
+	}
+	if err := run("apt-get update", 0.4, "apt-get", "update", "-qq"); err != nil {
+		return err
+	}
+	if err := run("apt-get install "+strings.Join(r.AptPackages, " "), 0.5,
+		append([]string{"apt-get", "install", "-y", "-qq", "--no-install-recommends"}, r.AptPackages...)...); err != nil {
+		return err
+	}
+	return run("apt-get clean", 0.95, "apt-get", "clean")
+}
+
+func lastLine(s string) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	if len(l) > 3 {
+		l = l[len(l)-3:]
+	}
+	return strings.Join(l, " | ")
 }

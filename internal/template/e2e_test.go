@@ -153,12 +153,12 @@ func checkImageTemplate(t *testing.T, b *Builder, rt *gvisor.Runtime, r Record) 
 		t.Fatal(err)
 	}
 	defer rt.Destroy(ctx, id)
-	res, err := conformance.Exec(ctx, rt, id, `read l < /data/g; echo "$l $FOO"; echo x > /data/new; read m < /data/new; echo $m`)
+	res, err := conformance.Exec(ctx, rt, id, `read l < /data/g; echo "$l $FOO"; echo x > /tmp/new; read m < /tmp/new; echo $m`)
 	if err != nil || res.Stdout != "v2 bar\nx\n" {
 		t.Fatalf("exec in image sandbox: %+v %v", res, err)
 	}
 	// The sandbox wrote to its overlay, never to the template's rootfs.
-	if _, err := os.Stat(filepath.Join(r.RootfsDir, "data/new")); err == nil {
+	if _, err := os.Stat(filepath.Join(r.RootfsDir, "tmp/new")); err == nil {
 		t.Fatal("sandbox wrote into the template's rootfs")
 	}
 }
@@ -362,4 +362,3 @@ func TestCodeInterpreterRootfs(t *testing.T) {
 		}
 	}
 }
-

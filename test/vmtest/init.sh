@@ -12,6 +12,11 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# cgroup v1 hierarchies as on the build machines (the VMM's jail uses them).
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+  mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+done
 ip link set lo up
 echo "@@cube-vmtest l1-up uptime=$(cut -d' ' -f1 /proc/uptime)"
 

@@ -3,6 +3,7 @@
 package envd
 
 import (
+	"bufio"
 	"compress/gzip"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -100,14 +101,38 @@ func (s *Server) handleFilesGet(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", ct)
 	w.Header().Set("Content-Disposition", mime.FormatMediaType("inline", map[string]string{"filename": filepath.Base(p)}))
+	if acceptsGzip(r.Header.Get("Accept-Encoding")) && r.Header.Get("Range") == "" && fi.Size() > 0 {
+		// Compressed on the fly (SDK `files.read(path, {gzip: true})`).
+		w.Header().Set("Content-Encoding", "gzip")
+		w.Header().Set("Vary", "Accept-Encoding")
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodHead {
+			return
+		}
+		zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+		bp := copyBufPool.Get().(*[]byte)
+		_, _ = copyFull(zw, f, *bp)
+		copyBufPool.Put(bp)
+		_ = zw.Close()
+		return
+	}
 	http.ServeContent(w, r, "", fi.ModTime(), f)
+}
+
+// acceptsGzip reports whether the client asked for gzip explicitly, as
+// the SDK does for `files.read(path, {gzip: true})`. HTTP clients' default
+// "gzip, deflate, br" does not count: a compressed reply has no
+// Content-Length, which the SDK needs to recognise empty files.
+func acceptsGzip(h string) bool {
+	return strings.EqualFold(strings.TrimSpace(h), "gzip")
 }
 
 // uploadResult is one entry of the POST /files response.
 type uploadResult struct {
-	Path string `json:"path"`
-	Name string `json:"name"`
-	Type string `json:"type"`
+	Path     string            `json:"path"`
+	Name     string            `json:"name"`
+	Type     string            `json:"type"`
+	Metadata map[string]string `json:"metadata,omitempty"`
 }
 
 // rawFilename returns a multipart part's filename parameter unmodified
@@ -132,15 +157,17 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	qpath := q.Get("path")
-	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	meta := metadataFromHeaders(r.Header)
+	ct, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	var results []uploadResult
 	switch ct {
 	case "multipart/form-data":
-		mr, err := r.MultipartReader()
-		if err != nil {
-			writeJSONError(w, errs.Wrap(errs.InvalidArgument, err, "malformed multipart body"))
+		if params["boundary"] == "" {
+			writeJSONError(w, errs.E(errs.InvalidArgument, "multipart body without boundary"))
 			return
 		}
+		// Large socket reads under multipart's small internal buffer.
+		mr := multipart.NewReader(bufio.NewReaderSize(r.Body, 1<<20), params["boundary"])
 		for {
 			part, err := mr.NextPart()
 			if err == io.EOF {
@@ -158,7 +185,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 			if dest == "" {
 				dest = rawFilename(part)
 			}
-			res, err := s.writeFile(u, dest, part)
+			res, err := s.writeFile(u, dest, part, meta)
 			part.Close()
 			if err != nil {
 				writeJSONError(w, err)
@@ -181,7 +208,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 			defer zr.Close()
 			body = zr
 		}
-		res, err := s.writeFile(u, qpath, body)
+		res, err := s.writeFile(u, qpath, body, meta)
 		if err != nil {
 			writeJSONError(w, err)
 			return
@@ -199,7 +226,7 @@ func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 }
 
 // writeFile streams body to dest as u, creating parent directories.
-func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, error) {
+func (s *Server) writeFile(u *User, dest string, body io.Reader, meta map[string]string) (uploadResult, error) {
 	p, err := resolvePath(dest, u)
 	if err != nil {
 		return uploadResult{}, err
@@ -230,8 +257,10 @@ func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, 
 	if statErr != nil {
 		chownAs(u, p)
 	}
+	// The multipart reader hands out at most 4 KiB per Read: gather 1 MiB
+	// before each write.
 	bp := copyBufPool.Get().(*[]byte)
-	_, err = io.CopyBuffer(onlyWriter{f}, body, *bp)
+	_, err = copyFull(f, body, *bp)
 	copyBufPool.Put(bp)
 	cerr := f.Close()
 	if err == nil {
@@ -244,12 +273,31 @@ func (s *Server) writeFile(u *User, dest string, body io.Reader) (uploadResult, 
 		}
 		return uploadResult{}, errs.Wrap(errs.InvalidArgument, err, "upload of %s interrupted: %v", p, err)
 	}
-	return uploadResult{Path: p, Name: filepath.Base(p), Type: "file"}, nil
+	res := uploadResult{Path: p, Name: filepath.Base(p), Type: "file"}
+	if len(meta) > 0 {
+		res.Metadata = setMetadata(p, meta)
+	}
+	return res, nil
 }
 
-// onlyWriter hides ReadFrom so that CopyBuffer uses the pooled buffer.
-type onlyWriter struct{ w io.Writer }
-
-func (o onlyWriter) Write(b []byte) (int, error) { return o.w.Write(b) }
+// copyFull copies r to w through buf, filling buf before every write.
+func copyFull(w io.Writer, r io.Reader, buf []byte) (int64, error) {
+	var total int64
+	for {
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			if _, err := w.Write(buf[:n]); err != nil {
+				return total, err
+			}
+			total += int64(n)
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			return total, nil
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}
 
 var _ = fmt.Sprintf

@@ -5,6 +5,7 @@ package envd
 import (
 	"bytes"
 	"compress/gzip"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -124,6 +125,22 @@ func TestFilesUploadDownload(t *testing.T) {
 	if res, b = download(t, e.ts.URL, "?path="+url.QueryEscape(dir+"/empty"), nil); res.StatusCode != 200 || len(b) != 0 || res.ContentLength != 0 {
 		t.Fatalf("empty: %d %d", res.StatusCode, len(b))
 	}
+	// gzip download on request (Go's client would decompress transparently:
+	// ask explicitly and decode by hand).
+	greq, _ := http.NewRequest("GET", e.ts.URL+"/files?path="+url.QueryEscape(dir+"/y/z/two.bin"), nil)
+	greq.Header.Set("Accept-Encoding", "gzip")
+	gres, err := http.DefaultClient.Do(greq)
+	if err != nil || gres.Header.Get("Content-Encoding") != "gzip" {
+		t.Fatalf("gzip download: %v %v", gres, err)
+	}
+	zr, err := gzip.NewReader(gres.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := io.ReadAll(zr); !bytes.Equal(got, bin) {
+		t.Fatal("gzip download corrupted")
+	}
+	gres.Body.Close()
 	// Raw octet-stream body with gzip.
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
@@ -333,5 +350,30 @@ func TestInit(t *testing.T) {
 	json.NewDecoder(r.Body).Decode(&m)
 	if m["mem_total"] == nil || m["cpu_count"] == nil || m["disk_total"] == nil {
 		t.Fatalf("metrics: %v", m)
+	}
+}
+
+func TestFileMetadata(t *testing.T) {
+	e := newTestEnv(t, Options{})
+	dir, err := os.MkdirTemp("/var/tmp", "envd-meta-") // /tmp may be tmpfs without user xattrs
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	res, b := upload(t, e.ts.URL, "?path="+url.QueryEscape(dir+"/m.txt"), map[string][]byte{"x": []byte("x")}, map[string]string{"X-Metadata-Owner": "alice", "x-metadata-stage": "dev"})
+	if res.StatusCode != 200 {
+		t.Fatalf("%d %s", res.StatusCode, b)
+	}
+	var out []uploadResult
+	json.Unmarshal(b, &out)
+	if out[0].Metadata == nil {
+		t.Skip("filesystem without user xattrs: metadata not stored")
+	}
+	if out[0].Metadata["owner"] != "alice" || out[0].Metadata["stage"] != "dev" {
+		t.Fatalf("upload metadata %v", out[0].Metadata)
+	}
+	st, err := e.fs.Stat(context.Background(), statReq(dir+"/m.txt"))
+	if err != nil || st.Msg.Entry.Metadata["owner"] != "alice" {
+		t.Fatalf("stat metadata: %v %v", st, err)
 	}
 }

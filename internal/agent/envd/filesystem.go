@@ -97,6 +97,9 @@ func entryFromInfo(path string, fi fs.FileInfo) *pb.EntryInfo {
 	default:
 		e.Type = pb.FileType_FILE_TYPE_FILE
 	}
+	if m := getMetadata(path); m != nil {
+		e.Metadata = m
+	}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 		e.Owner = ownerName(st.Uid)
 		e.Group = groupName(st.Gid)

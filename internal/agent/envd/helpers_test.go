@@ -5,6 +5,7 @@ package envd
 import (
 	"context"
 	"encoding/base64"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -171,3 +172,5 @@ func statReq(p string) *connect.Request[fspb.StatRequest] {
 }
 
 var _ = http.StatusOK
+
+func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }

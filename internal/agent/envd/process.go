@@ -284,7 +284,7 @@ func (s *Server) start(req *pb.StartRequest, u *User, lifetime time.Duration) (*
 	}
 	cmd.Env = s.buildEnv(u, cfg.Envs)
 	cmd.Dir = dir
-	attr := &syscall.SysProcAttr{Credential: u.credential(), Pdeathsig: 0}
+	attr := &syscall.SysProcAttr{Credential: u.Credential(), Pdeathsig: 0}
 
 	p := &proc{cfg: cfg, tag: req.Tag, cmd: cmd, subs: map[*subscriber]struct{}{}, done: make(chan struct{})}
 	var readers []*os.File

@@ -252,3 +252,22 @@ func (s *Server) handleEnvs(w http.ResponseWriter, r *http.Request) {
 func hostname() string { h, _ := os.Hostname(); return h }
 
 var startTime = time.Now()
+
+// EnvVars returns a copy of the sandbox env vars (set by Options and /init).
+func (s *Server) EnvVars() map[string]string { return s.envVars() }
+
+// AccessToken returns the current access token ("" = none).
+func (s *Server) AccessToken() string { return s.currentToken() }
+
+// DefaultUser returns the account of requests that name none.
+func (s *Server) DefaultUser() (*User, error) { return s.resolveUser("") }
+
+// BaseEnv is PATH, HOME, USER and LOGNAME of u (what processes start with
+// before the sandbox env vars).
+func (s *Server) BaseEnv(u *User) []string {
+	path := os.Getenv("PATH")
+	if path == "" {
+		path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	}
+	return []string{"PATH=" + path, "HOME=" + u.Home, "USER=" + u.Name, "LOGNAME=" + u.Name}
+}

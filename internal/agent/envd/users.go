@@ -129,9 +129,9 @@ func appendLine(path, line string) error {
 	return errs.Wrap(errs.Internal, err, "append to %s", path)
 }
 
-// credential returns the SysProcAttr credential that makes a child run as
+// Credential returns the SysProcAttr credential that makes a child run as
 // u, or nil when the agent already is u (or cannot switch).
-func (u *User) credential() *syscall.Credential {
+func (u *User) Credential() *syscall.Credential {
 	if os.Geteuid() != 0 || u.UID == uint32(os.Geteuid()) {
 		return nil
 	}
@@ -162,12 +162,9 @@ func asUser(u *User, fn func() error) error {
 	if len(groups) == 0 {
 		groups = []int{int(u.GID)}
 	}
-	switched := unix.Setgroups(groups) == nil
-	if switched {
+	if unix.Setgroups(groups) == nil {
 		unix.SetfsgidRetGid(int(u.GID))
 		unix.SetfsuidRetUid(int(u.UID))
-		cur, _ := unix.SetfsuidRetUid(-1)
-		switched = cur == int(u.UID)
 	}
 	err := fn()
 	// Restore root; if that fails keep the thread locked so that it dies
@@ -178,7 +175,6 @@ func asUser(u *User, fn func() error) error {
 	if cur, _ := unix.SetfsuidRetUid(-1); cur == 0 && rerr == nil {
 		runtime.UnlockOSThread()
 	}
-	_ = switched
 	return err
 }
 

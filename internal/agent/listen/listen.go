@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/mdlayher/vsock"
@@ -16,11 +17,18 @@ import (
 	"github.com/cubesandbox/cube/internal/errs"
 )
 
-// All listens on tcp (if non-empty) and on vsock port vport when withVsock
+// All listens on tcp (if non-empty; "unix:/path" for a Unix socket) and on vsock port vport when withVsock
 // and /dev/vsock exists. A vsock failure is not fatal when TCP works.
 func All(tcp string, vport uint32, withVsock bool) ([]net.Listener, error) {
 	var out []net.Listener
-	if tcp != "" {
+	if path, ok := strings.CutPrefix(tcp, "unix:"); ok {
+		_ = os.Remove(path)
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			return nil, errs.Wrap(errs.Unavailable, err, "listen on %s", tcp)
+		}
+		out = append(out, l)
+	} else if tcp != "" {
 		l, err := net.Listen("tcp", tcp)
 		if err != nil {
 			return nil, errs.Wrap(errs.Unavailable, err, "listen on %s", tcp)

@@ -174,8 +174,8 @@ func testPauseResume(t *testing.T, h Harness) {
 	token := newID("tok")
 	// A file, and a process that keeps state only in memory: it counts
 	// and answers with its pid file still present.
-	h.sh(t, id, fmt.Sprintf("echo %s > /root/marker && (sleep 100000 >/dev/null 2>&1 & echo $! > /root/sleep.pid)", token))
-	pid := strings.TrimSpace(h.sh(t, id, "cat /root/sleep.pid"))
+	h.sh(t, id, fmt.Sprintf("echo %s > $HOME/marker && (sleep 100000 >/dev/null 2>&1 & echo $! > $HOME/sleep.pid)", token))
+	pid := strings.TrimSpace(h.sh(t, id, "cat $HOME/sleep.pid"))
 	if err := h.Runtime.Pause(h.ctx(t), id); err != nil {
 		t.Fatalf("Pause: %v", err)
 	}
@@ -196,7 +196,7 @@ func testPauseResume(t *testing.T, h Harness) {
 	if _, err := h.Runtime.Resume(h.ctx(t), id, runtime.NetSlot{}); err != nil {
 		t.Fatalf("Resume: %v", err)
 	}
-	if got := strings.TrimSpace(h.sh(t, id, "cat /root/marker")); got != token {
+	if got := strings.TrimSpace(h.sh(t, id, "cat $HOME/marker")); got != token {
 		t.Fatalf("file after resume: %q, want %q", got, token)
 	}
 	if got := h.sh(t, id, "kill -0 "+pid+" && cat /proc/"+pid+"/cmdline | tr '\\0' ' '"); !strings.HasPrefix(got, "sleep 100000") {
@@ -209,14 +209,14 @@ func testPauseResume(t *testing.T, h Harness) {
 	if _, err := h.Runtime.Resume(h.ctx(t), id, runtime.NetSlot{}); err != nil {
 		t.Fatalf("second cycle Resume: %v", err)
 	}
-	if got := strings.TrimSpace(h.sh(t, id, "cat /root/marker")); got != token {
+	if got := strings.TrimSpace(h.sh(t, id, "cat $HOME/marker")); got != token {
 		t.Fatalf("file after second resume: %q", got)
 	}
 }
 
 func testFork(t *testing.T, h Harness) {
 	parent := h.create(t, runtime.CreateSpec{})
-	h.sh(t, parent.ID, "echo parent > /root/who && (sleep 100000 >/dev/null 2>&1 & echo $! > /root/sleep.pid)")
+	h.sh(t, parent.ID, "echo parent > $HOME/who && (sleep 100000 >/dev/null 2>&1 & echo $! > $HOME/sleep.pid)")
 	snap := newID("snap")
 	s, err := h.Runtime.Snapshot(h.ctx(t), parent.ID, snap)
 	if err != nil {
@@ -227,23 +227,23 @@ func testFork(t *testing.T, h Harness) {
 		t.Fatalf("Snapshot returned %+v", s)
 	}
 	// The parent keeps running.
-	if got := strings.TrimSpace(h.sh(t, parent.ID, "cat /root/who")); got != "parent" {
+	if got := strings.TrimSpace(h.sh(t, parent.ID, "cat $HOME/who")); got != "parent" {
 		t.Fatalf("parent after snapshot: %q", got)
 	}
 	a := h.create(t, runtime.CreateSpec{SnapshotID: snap})
 	b := h.create(t, runtime.CreateSpec{SnapshotID: snap})
-	pid := strings.TrimSpace(h.sh(t, parent.ID, "cat /root/sleep.pid"))
+	pid := strings.TrimSpace(h.sh(t, parent.ID, "cat $HOME/sleep.pid"))
 	for _, c := range []runtime.Info{a, b} {
-		if got := strings.TrimSpace(h.sh(t, c.ID, "cat /root/who")); got != "parent" {
+		if got := strings.TrimSpace(h.sh(t, c.ID, "cat $HOME/who")); got != "parent" {
 			t.Fatalf("fork %s sees %q, want the parent's file", c.ID, got)
 		}
 		h.sh(t, c.ID, "kill -0 "+pid)
-		h.sh(t, c.ID, "echo "+c.ID+" > /root/who")
+		h.sh(t, c.ID, "echo "+c.ID+" > $HOME/who")
 	}
-	h.sh(t, parent.ID, "echo parent2 > /root/who")
+	h.sh(t, parent.ID, "echo parent2 > $HOME/who")
 	for id, want := range map[string]string{a.ID: a.ID, b.ID: b.ID, parent.ID: "parent2"} {
-		if got := strings.TrimSpace(h.sh(t, id, "cat /root/who")); got != want {
-			t.Fatalf("%s: /root/who = %q, want %q (forks must diverge)", id, got, want)
+		if got := strings.TrimSpace(h.sh(t, id, "cat $HOME/who")); got != want {
+			t.Fatalf("%s: $HOME/who = %q, want %q (forks must diverge)", id, got, want)
 		}
 	}
 	if err := h.Runtime.DeleteSnapshot(h.ctx(t), snap); err != nil {

@@ -21,6 +21,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -48,6 +49,22 @@ type Options struct {
 	Platform  string // systrap (default) or ptrace
 	PoolSize  int    // warm sandboxes kept per template (0: none)
 	Logger    *slog.Logger
+	// TemplatesOnly opens the state for baking and deleting templates
+	// beside a running server (the CLI): no re-adoption, no orphan
+	// cleanup, no pool.
+	TemplatesOnly bool
+	// Slots, if set, gives sandboxes real networking (internal/network):
+	// creates without a NetSlot (and warm-pool sandboxes) acquire one,
+	// destroy and pause release it, and Dial goes through it.
+	Slots SlotProvider
+}
+
+// SlotProvider hands out network slots (network.Manager satisfies it).
+type SlotProvider interface {
+	Acquire(ctx context.Context) (runtime.NetSlot, error)
+	Release(ctx context.Context, slotID string) error
+	// Dial connects to GuestIP:port of the slot's guest.
+	Dial(ctx context.Context, slotID string, port int) (net.Conn, error)
 }
 
 // Defaults used when a template does not say.
@@ -104,6 +121,7 @@ type sandboxMeta struct {
 	StartedAt time.Time         `json:"startedAt"`
 	Net       runtime.NetSlot   `json:"net"`
 	OwnNetns  string            `json:"ownNetns,omitempty"` // netns we created
+	OwnSlot   bool              `json:"ownSlot,omitempty"`  // slot we acquired (released with the sandbox)
 	Resources runtime.Resources `json:"resources"`
 	Labels    map[string]string `json:"labels,omitempty"`
 	Source    source            `json:"source"`
@@ -148,7 +166,11 @@ func New(ctx context.Context, opts Options) (*Runtime, error) {
 		log:       opts.Logger.With("runtime", "gvisor"),
 		sandboxes: map[string]*sandbox{},
 	}
-	r.adopt(ctx)
+	if opts.TemplatesOnly {
+		opts.PoolSize = 0
+	} else {
+		r.adopt(ctx)
+	}
 	r.pool = newPool(r, opts.PoolSize)
 	if opts.PoolSize > 0 {
 		ents, _ := os.ReadDir(filepath.Join(dir, "templates"))
@@ -194,10 +216,7 @@ func (r *Runtime) adopt(ctx context.Context) {
 		case runtime.StateRunning:
 			if r.runsc.state(ctx, m.CID) != "running" {
 				r.log.Warn("sandbox died while cube was down; cleaning up", "sandbox", m.ID)
-				r.runsc.destroy(ctx, m.CID)
-				if m.OwnNetns != "" {
-					deleteNetns(m.OwnNetns)
-				}
+				r.destroyMeta(ctx, &m)
 				os.RemoveAll(d)
 				continue
 			}
@@ -224,10 +243,7 @@ func (r *Runtime) adopt(ctx context.Context) {
 		var m sandboxMeta
 		d := filepath.Join(r.dir, "pool", e.Name())
 		if readJSON(filepath.Join(d, "meta.json"), &m) == nil && m.CID != "" {
-			r.runsc.destroy(ctx, m.CID)
-			if m.OwnNetns != "" {
-				deleteNetns(m.OwnNetns)
-			}
+			r.destroyMeta(ctx, &m)
 		}
 		os.RemoveAll(d)
 	}
@@ -354,6 +370,20 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p.port, p.path))
 		}
 	}
+	// The template's environment and workdir become the agent's defaults
+	// before the snapshot, so every sandbox starts with them.
+	if probePort == runtime.EnvdPort && (len(t.Env) > 0 || t.Workdir != "") {
+		body := map[string]any{}
+		if len(t.Env) > 0 {
+			body["envVars"] = t.Env
+		}
+		if t.Workdir != "" {
+			body["defaultWorkdir"] = t.Workdir
+		}
+		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body); err != nil {
+			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: agent init", t.ID))
+		}
+	}
 	step("snapshotting")
 	img := filepath.Join(tdir, "image")
 	if _, err := r.runsc.run(ctx, res.DiskMB, "checkpoint", "--image-path", img, cid); err != nil {
@@ -379,9 +409,10 @@ func (r *Runtime) probe(ctx context.Context, cid, logPath string, dial func(cont
 	client := &http.Client{Transport: &http.Transport{
 		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx, port) },
 		DisableKeepAlives: true,
-	}, Timeout: 2 * time.Second}
+	}, Timeout: time.Second}
 	var last error
-	for i := 0; ; i++ {
+	lastCheck := time.Now()
+	for {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://sandbox"+path, nil)
 		resp, err := client.Do(req)
 		if err == nil {
@@ -392,7 +423,10 @@ func (r *Runtime) probe(ctx context.Context, cid, logPath string, dial func(cont
 			err = fmt.Errorf("HTTP %d", resp.StatusCode)
 		}
 		last = err
-		if i%10 == 9 {
+		// An init that exited leaves nobody to answer (a dial to it may
+		// hang until the timeout): look at the container every second.
+		if time.Since(lastCheck) >= time.Second {
+			lastCheck = time.Now()
 			if st := r.runsc.state(ctx, cid); st != "running" {
 				b, _ := os.ReadFile(logPath)
 				return fmt.Errorf("the sandbox's init exited (state %q): %s", st, lastLines(string(b), 5))
@@ -412,14 +446,15 @@ func (r *Runtime) DeleteTemplate(ctx context.Context, templateID string) error {
 	if !idRE.MatchString(templateID) {
 		return errs.E(errs.InvalidArgument, "bad template id %q", templateID)
 	}
-	r.mu.Lock()
+	// Sandboxes on disk, so that another process's (a server's) count too.
 	n := 0
-	for _, s := range r.sandboxes {
-		if s.meta.Source.TemplateID == templateID {
+	ents, _ := os.ReadDir(filepath.Join(r.dir, "sandboxes"))
+	for _, e := range ents {
+		var m sandboxMeta
+		if readJSON(filepath.Join(r.dir, "sandboxes", e.Name(), "meta.json"), &m) == nil && m.Source.TemplateID == templateID {
 			n++
 		}
 	}
-	r.mu.Unlock()
 	if n > 0 {
 		return errs.E(errs.Conflict, "template %s is used by %d sandbox(es)", templateID, n)
 	}
@@ -480,15 +515,19 @@ func (r *Runtime) get(id string) (*sandbox, error) {
 // network namespace unless net names one. On failure nothing is left.
 func (r *Runtime) restore(ctx context.Context, dir string, src source, cid string, netSlot runtime.NetSlot, res runtime.Resources) (sandboxMeta, error) {
 	m := sandboxMeta{CID: cid, State: runtime.StateRunning, Net: netSlot, Resources: res, Source: src}
-	nsPath := netSlot.NetnsPath
+	if netSlot.NetnsPath == "" && r.opts.Slots != nil {
+		slot, err := r.opts.Slots.Acquire(ctx)
+		if err != nil {
+			return m, errs.Wrap(errs.KindOf(err), err, "network slot: %s", errs.Message(err))
+		}
+		m.Net, m.OwnSlot = slot, true
+	}
+	nsPath := m.Net.NetnsPath
 	if nsPath == "" {
 		m.OwnNetns = netnsPrefix + cid
 	}
 	fail := func(err error) (sandboxMeta, error) {
-		r.runsc.destroy(context.WithoutCancel(ctx), cid)
-		if m.OwnNetns != "" {
-			deleteNetns(m.OwnNetns)
-		}
+		r.destroyMeta(ctx, &m)
 		os.RemoveAll(filepath.Join(dir, "bundle"))
 		return m, err
 	}
@@ -561,6 +600,8 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	} else {
 		tm, err := r.loadTemplate(spec.TemplateID)
 		if err != nil {
+			// Deleted (perhaps by another process): drop its warm sandboxes.
+			r.pool.drop(spec.TemplateID)
 			return runtime.Info{}, err
 		}
 		src = tm.source
@@ -633,19 +674,40 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	return info(&m), nil
 }
 
-// initAgent checks that the restored agent answers and hands it the
-// sandbox's environment and access token (envd POST /init).
+// initAgent hands the agent the sandbox's environment and access token
+// (envd POST /init, with the time and fresh entropy for agents that manage
+// them).
 func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token string) error {
-	nsPath, addr := r.netnsPath(m), net.JoinHostPort(guestIP(m), strconv.Itoa(runtime.EnvdPort))
-	client := &http.Client{Transport: &http.Transport{
-		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dialInNetns(ctx, nsPath, addr) },
-		DisableKeepAlives: true,
-	}, Timeout: 10 * time.Second}
+	// gVisor serves time and randomness from the host, so a restored
+	// sandbox needs /init only for its environment and token.
 	if len(env) == 0 && token == "" {
 		return nil
 	}
-	body, _ := json.Marshal(map[string]any{"envVars": env, "accessToken": token, "timestamp": time.Now().UTC()})
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(body)))
+	req := map[string]any{"timestamp": time.Now().UTC().Format(time.RFC3339Nano), "entropy": entropy()}
+	if len(env) > 0 {
+		req["envVars"] = env
+	}
+	if token != "" {
+		req["accessToken"] = token
+	}
+	return r.postInit(ctx, func(ctx context.Context) (net.Conn, error) { return r.dial(ctx, m, runtime.EnvdPort) }, req)
+}
+
+func entropy() string {
+	var b [64]byte
+	rand.Read(b[:])
+	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+// postInit sends POST /init to the agent; an agent without /init (404,
+// 501) is tolerated with a warning.
+func (r *Runtime) postInit(ctx context.Context, dial func(context.Context) (net.Conn, error), body map[string]any) error {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
+		DisableKeepAlives: true,
+	}, Timeout: 10 * time.Second}
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(b)))
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
@@ -654,7 +716,7 @@ func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
 		if resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusNotImplemented {
-			r.log.Warn("agent has no /init; env and token not applied", "sandbox", m.ID)
+			r.log.Warn("agent has no /init; env and token not applied")
 			return nil
 		}
 		return fmt.Errorf("POST /init: HTTP %d", resp.StatusCode)
@@ -677,6 +739,25 @@ func (r *Runtime) destroyMeta(ctx context.Context, m *sandboxMeta) {
 	if m.OwnNetns != "" {
 		deleteNetns(m.OwnNetns)
 	}
+	if m.OwnSlot && r.opts.Slots != nil && m.Net.ID != "" {
+		if err := r.opts.Slots.Release(context.WithoutCancel(ctx), m.Net.ID); err != nil {
+			r.log.Warn("releasing network slot", "slot", m.Net.ID, "err", err)
+		}
+	}
+}
+
+// dial connects to port in the sandbox described by m.
+func (r *Runtime) dial(ctx context.Context, m *sandboxMeta, port int) (net.Conn, error) {
+	if m.Net.ID != "" && r.opts.Slots != nil {
+		return r.opts.Slots.Dial(ctx, m.Net.ID, port)
+	}
+	// A caller's slot without a provider: its router namespace (runsc
+	// takes eth0's address away from the guest namespace's kernel).
+	nsPath := r.netnsPath(m)
+	if m.Net.NetnsPath != "" && m.Net.RouterNetnsPath != "" {
+		nsPath = m.Net.RouterNetnsPath
+	}
+	return dialInNetns(ctx, nsPath, net.JoinHostPort(guestIP(m), strconv.Itoa(port)))
 }
 
 // Pause checkpoints the sandbox to disk and stops it.
@@ -712,6 +793,9 @@ func (r *Runtime) Pause(ctx context.Context, id string) error {
 	}
 	s.meta.State = runtime.StatePaused
 	s.meta.CID, s.meta.OwnNetns = "", ""
+	if s.meta.OwnSlot {
+		s.meta.Net, s.meta.OwnSlot = runtime.NetSlot{}, false
+	}
 	return writeJSON(filepath.Join(s.dir, "meta.json"), s.meta)
 }
 
@@ -839,9 +923,9 @@ func (r *Runtime) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 		s.mu.Unlock()
 		return nil, errs.E(errs.Conflict, "sandbox %s is %s, not running", id, st)
 	}
-	nsPath, addr := r.netnsPath(&s.meta), net.JoinHostPort(guestIP(&s.meta), strconv.Itoa(port))
+	m := s.meta
 	s.mu.Unlock()
-	c, err := dialInNetns(ctx, nsPath, addr)
+	c, err := r.dial(ctx, &m, port)
 	if err != nil {
 		return nil, errs.Wrap(errs.Unavailable, err, "sandbox %s: port %d", id, port)
 	}
@@ -961,6 +1045,13 @@ func (r *Runtime) Leftovers(cid string) []string {
 	}
 	if m, _ := filepath.Glob(filepath.Join(r.runsc.root, cid+"_sandbox:*")); len(m) > 0 {
 		out = append(out, m...)
+	}
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, cid) {
+				out = append(out, "mount "+l)
+			}
+		}
 	}
 	return out
 }

@@ -4,15 +4,21 @@ package gvisor
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/network"
 
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/conformance"
@@ -45,8 +51,20 @@ func newRuntime(t testing.TB, pool int) *Runtime {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { rt.Close() })
+	cleanupAll(t, rt)
 	return rt
+}
+
+// cleanupAll destroys whatever rt still runs when the test ends (a failed
+// test included), then closes it.
+func cleanupAll(t testing.TB, rt *Runtime) {
+	t.Cleanup(func() {
+		list, _ := rt.List(context.Background())
+		for _, i := range list {
+			rt.Destroy(context.Background(), i.ID)
+		}
+		rt.Close()
+	})
 }
 
 func harness(rt *Runtime, tid string) conformance.Harness {
@@ -127,13 +145,14 @@ func TestReadoptAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	cleanupAll(t, rt1)
 	tid := bakeBase(t, rt1)
 	for _, id := range []string{"keep", "sleepy", "crashed"} {
 		if _, err := rt1.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: tid}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	conformance.Exec(ctx, rt1, "keep", "echo kept > /root/f")
+	conformance.Exec(ctx, rt1, "keep", "echo kept > $HOME/f")
 	if err := rt1.Pause(ctx, "sleepy"); err != nil {
 		t.Fatal(err)
 	}
@@ -154,7 +173,7 @@ func TestReadoptAfterRestart(t *testing.T) {
 	if l := rt2.Leftovers(crashedCID); len(l) > 0 {
 		t.Fatalf("orphan not cleaned: %v", l)
 	}
-	res, err := conformance.Exec(ctx, rt2, "keep", "cat /root/f")
+	res, err := conformance.Exec(ctx, rt2, "keep", "cat $HOME/f")
 	if err != nil || res.Stdout != "kept\n" {
 		t.Fatalf("re-adopted sandbox: %+v %v", res, err)
 	}
@@ -174,7 +193,7 @@ func newRuntimeAt(t *testing.T, dir string) *Runtime {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { rt.Close() })
+	cleanupAll(t, rt)
 	return rt
 }
 
@@ -270,4 +289,150 @@ func (r *Runtime) mustTemplate(t *testing.T, id string) *templateMeta {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// testSlots is a SlotProvider made of this package's plain namespaces: it
+// exercises the runtime's slot lifecycle (acquire, release, dial through
+// the provider) without internal/network.
+type testSlots struct {
+	mu       sync.Mutex
+	n        int
+	live     map[string]string // id -> netns path
+	acquired int
+	released int
+}
+
+func (p *testSlots) Acquire(ctx context.Context) (runtime.NetSlot, error) {
+	p.mu.Lock()
+	p.n++
+	id := fmt.Sprintf("%stestslot-%d-%d", netnsPrefix, os.Getpid(), p.n)
+	p.mu.Unlock()
+	path, err := createPlainNetns(id)
+	if err != nil {
+		return runtime.NetSlot{}, err
+	}
+	p.mu.Lock()
+	p.live[id] = path
+	p.acquired++
+	p.mu.Unlock()
+	return runtime.NetSlot{ID: id, NetnsPath: path, GuestIP: plainGuestIP, GatewayIP: plainHostIP, PrefixLen: plainPrefix}, nil
+}
+
+func (p *testSlots) Release(ctx context.Context, id string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.live[id]; !ok {
+		return errs.E(errs.NotFound, "slot %s", id)
+	}
+	delete(p.live, id)
+	p.released++
+	return deleteNetns(id)
+}
+
+func (p *testSlots) Dial(ctx context.Context, id string, port int) (net.Conn, error) {
+	p.mu.Lock()
+	path, ok := p.live[id]
+	p.mu.Unlock()
+	if !ok {
+		return nil, errs.E(errs.NotFound, "slot %s", id)
+	}
+	if err := plainNetnsStarted(path); err != nil {
+		return nil, err
+	}
+	return dialInNetns(ctx, path, net.JoinHostPort(plainGuestIP, strconv.Itoa(port)))
+}
+
+func TestSlotProvider(t *testing.T) {
+	slots := &testSlots{live: map[string]string{}}
+	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runscPath(t), PoolSize: 1, Slots: slots})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupAll(t, rt)
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	for rt.PoolReady(tid) < 1 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	info, err := rt.Create(ctx, runtime.CreateSpec{ID: "netted", TemplateID: tid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Net.ID == "" {
+		t.Fatalf("pooled sandbox has no slot: %+v", info)
+	}
+	if res, err := conformance.Exec(ctx, rt, "netted", "echo hi"); err != nil || res.Stdout != "hi\n" {
+		t.Fatalf("exec through the slot: %+v %v", res, err)
+	}
+	if err := rt.Pause(ctx, "netted"); err != nil {
+		t.Fatal(err)
+	}
+	info, err = rt.Resume(ctx, "netted", runtime.NetSlot{})
+	if err != nil || info.Net.ID == "" {
+		t.Fatalf("resume: %+v %v", info, err)
+	}
+	if res, err := conformance.Exec(ctx, rt, "netted", "echo again"); err != nil || res.Stdout != "again\n" {
+		t.Fatalf("exec after resume: %+v %v", res, err)
+	}
+	rt.Destroy(ctx, "netted")
+	rt.Close()
+	slots.mu.Lock()
+	defer slots.mu.Unlock()
+	if len(slots.live) != 0 || slots.acquired != slots.released {
+		t.Fatalf("slots: %d live, %d acquired, %d released", len(slots.live), slots.acquired, slots.released)
+	}
+	noLeaks(t, rt)
+}
+
+// internal/network's manager is the production slot provider.
+var _ SlotProvider = (*network.Manager)(nil)
+
+// The real slot provider: pooled sandboxes in internal/network slots,
+// reached through the manager's Dial (the router side).
+func TestRealNetworkSlots(t *testing.T) {
+	runsc := runscPath(t)
+	pid := os.Getpid()
+	rng := netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 150+(pid/250)%50, pid%250))
+	m, err := network.NewManagerWith(network.Options{Prefix: "cg" + strconv.FormatInt(int64(pid), 36), HostRange: rng,
+		PoolSize: 1, Mode: network.ModeNetns, DNSUpstream: "127.0.0.1:53"}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Skipf("network manager unavailable here: %v", err)
+	}
+	t.Cleanup(func() { m.Close(); m.Purge() }) // after the runtime's cleanup
+	rt, err := New(context.Background(), Options{DataDir: t.TempDir(), RunscPath: runsc, PoolSize: 1, Slots: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupAll(t, rt)
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	deadline := time.Now().Add(time.Minute)
+	for rt.PoolReady(tid) < 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	info, err := rt.Create(ctx, runtime.CreateSpec{ID: "slotted", TemplateID: tid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Net.ID == "" || info.Net.GuestIP == "" {
+		t.Fatalf("no slot: %+v", info.Net)
+	}
+	res, err := conformance.Exec(ctx, rt, "slotted", "echo via-slot")
+	if err != nil || res.Stdout != "via-slot\n" {
+		t.Fatalf("exec through the network slot: %+v %v", res, err)
+	}
+	if err := rt.Pause(ctx, "slotted"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Resume(ctx, "slotted", runtime.NetSlot{}); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := conformance.Exec(ctx, rt, "slotted", "echo resumed"); err != nil || res.Stdout != "resumed\n" {
+		t.Fatalf("exec after resume in a new slot: %+v %v", res, err)
+	}
+	if err := rt.Destroy(ctx, "slotted"); err != nil {
+		t.Fatal(err)
+	}
+	rt.Close()
+	noLeaks(t, rt)
 }

@@ -181,3 +181,6 @@ func (p *pool) close() {
 }
 
 var zeroNet runtime.NetSlot
+
+// PoolReady reports how many warm sandboxes template tid has ready.
+func (r *Runtime) PoolReady(tid string) int { return r.pool.count(tid) }

@@ -65,6 +65,27 @@ func writeFile(dir, file, val string) error {
 	return os.WriteFile(filepath.Join(dir, file), []byte(val), 0o644)
 }
 
+// CgroupsAvailable reports whether CreateCgroup can work here: a v2
+// hierarchy with controllers, or the v1 cpu, memory and pids controllers.
+func CgroupsAvailable() error {
+	if _, err := os.Stat(filepath.Join(CgroupRoot, "cgroup.controllers")); err == nil {
+		return nil
+	}
+	paths, err := selfPaths()
+	if err != nil {
+		return err
+	}
+	for _, ctrl := range []string{"cpu", "memory", "pids"} {
+		if _, ok := paths[ctrl]; !ok {
+			return fmt.Errorf("cgroup v1 controller %s is not mounted", ctrl)
+		}
+		if _, err := os.Stat(filepath.Join(CgroupRoot, ctrl)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // CreateCgroup makes the cgroup and applies limits.
 func CreateCgroup(name string, l Limits) (*Cgroup, error) {
 	if !cgroupName.MatchString(name) {

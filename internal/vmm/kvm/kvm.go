@@ -205,7 +205,10 @@ func cpuidBuf(n int) ([]uint64, []CPUIDEntry) {
 	words := (8 + n*esz + 7) / 8
 	buf := make([]uint64, words)
 	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(n)
-	ents := unsafe.Slice((*CPUIDEntry)(unsafe.Pointer(uintptr(unsafe.Pointer(&buf[0]))+8)), n)
+	if n == 0 {
+		return buf, nil
+	}
+	ents := unsafe.Slice((*CPUIDEntry)(unsafe.Pointer(&buf[1])), n)
 	return buf, ents
 }
 

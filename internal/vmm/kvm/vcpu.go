@@ -330,10 +330,19 @@ func (c *VCPU) SetCPUID2(ents []CPUIDEntry) error {
 	return c.get(ioSetCPUID2, unsafe.Pointer(&buf[0]), "KVM_SET_CPUID2")
 }
 
-// GetCPUID2 returns the vCPU's CPUID table.
+// GetCPUID2 returns the vCPU's CPUID table. Kernels disagree on nent:
+// 6.1 leaves it at the buffer size on success, newer ones set it on
+// success but not with E2BIG. So the buffer grows until the call
+// succeeds, and its entries are pre-filled with a sentinel: KVM copies
+// exactly the table, and the first untouched sentinel ends it.
 func (c *VCPU) GetCPUID2() ([]CPUIDEntry, error) {
+	sentinel := CPUIDEntry{Function: ^uint32(0), Index: ^uint32(0), Flags: ^uint32(0),
+		EAX: ^uint32(0), EBX: ^uint32(0), ECX: ^uint32(0), EDX: ^uint32(0)}
 	for n := 64; n <= 4096; n *= 2 {
 		buf, ents := cpuidBuf(n)
+		for i := range ents {
+			ents[i] = sentinel
+		}
 		_, err := ioctl(c.fd, ioGetCPUID2, unsafe.Pointer(&buf[0]))
 		if err == unix.E2BIG {
 			continue
@@ -341,8 +350,17 @@ func (c *VCPU) GetCPUID2() ([]CPUIDEntry, error) {
 		if err != nil {
 			return nil, fmt.Errorf("KVM_GET_CPUID2: %w", err)
 		}
-		nent := *(*uint32)(unsafe.Pointer(&buf[0]))
-		return append([]CPUIDEntry(nil), ents[:nent]...), nil
+		count := int(*(*uint32)(unsafe.Pointer(&buf[0])))
+		if count > n {
+			count = n
+		}
+		for i := 0; i < count; i++ {
+			if ents[i] == sentinel {
+				count = i
+				break
+			}
+		}
+		return append([]CPUIDEntry(nil), ents[:count]...), nil
 	}
 	return nil, fmt.Errorf("KVM_GET_CPUID2: too many entries")
 }

@@ -103,7 +103,7 @@ func TestBadDeviceStateRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := range s.Devices {
-		if s.Devices[i].Name == "rng" {
+		if s.Devices[i].Name == "rng0" {
 			s.Devices[i].Data = []byte(`{"v":1,"device_id":4,"queues":[{"size":8,"ready":true,"desc":1}]}`)
 		}
 	}

@@ -120,6 +120,20 @@ func Capture(v *vm.VM) (*State, error) {
 		return nil, errs.E(errs.FailedPrecondition, "snapshot: vm is running; pause it first")
 	}
 	s := &State{Meta: Meta{MemSize: v.Mem.Size(), VCPUs: len(v.CPUs), MemFile: MemoryFile}}
+	if v.State() == vm.StatePaused {
+		// A vCPU parked right after a PIO/MMIO exit still owes KVM the
+		// completion of that instruction; KVM_RUN with immediate_exit set
+		// (Pause sets it) completes it and returns EINTR without entering
+		// the guest, so the saved registers are past the instruction.
+		for _, c := range v.CPUs {
+			if !c.ImmediateExit() {
+				return nil, errs.E(errs.Internal, "snapshot: vcpu %d paused without immediate_exit", c.ID)
+			}
+			if err := c.Run(); err != nil && err != unix.EINTR {
+				return nil, errs.Wrap(errs.Internal, err, "snapshot: complete pending I/O on vcpu %d: %v", c.ID, err)
+			}
+		}
+	}
 	for _, c := range v.CPUs {
 		cs, err := captureVCPU(v.System(), c.VCPU)
 		if err != nil {
@@ -214,13 +228,26 @@ func Apply(v *vm.VM, s *State) error {
 	return nil
 }
 
+const msrTSCDeadline = 0x6e0
+
 func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 	if len(s.CPUID) > 0 {
 		if err := c.SetCPUID2(s.CPUID); err != nil {
 			return err
 		}
 	}
-	if err := c.SetMSRs(s.MSRs); err != nil {
+	// MSR_IA32_TSC_DEADLINE is ignored unless the LAPIC timer is in
+	// TSC-deadline mode: set it after the LAPIC, or a restored guest's
+	// pending timer never fires (and an idle guest never wakes).
+	var msrs, late []kvm.MSREntry
+	for _, m := range s.MSRs {
+		if m.Index == msrTSCDeadline {
+			late = append(late, m)
+		} else {
+			msrs = append(msrs, m)
+		}
+	}
+	if err := c.SetMSRs(msrs); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.ID, err)
 	}
 	if err := c.SetSregs(s.Sregs); err != nil {
@@ -240,6 +267,9 @@ func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 	}
 	if err := c.SetLAPIC(s.LAPIC); err != nil {
 		return err
+	}
+	if err := c.SetMSRs(late); err != nil {
+		return fmt.Errorf("vcpu %d: %w", c.ID, err)
 	}
 	if err := c.SetMPState(s.MP); err != nil {
 		return err
@@ -277,7 +307,7 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 	s.Meta.Created = time.Now().UTC().Format(time.RFC3339Nano)
 	s.Meta.Labels = o.Labels
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, errs.Wrap(errs.Internal, err, "snapshot dir")
+		return nil, errs.Wrap(errs.Internal, err, "snapshot dir %s: %v", dir, err)
 	}
 	if err := writeMemory(filepath.Join(dir, MemoryFile), v.Mem.Host(), nil); err != nil {
 		return nil, err
@@ -325,7 +355,7 @@ func writeFileAtomic(path string, b []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "write %s", path)
+		return errs.Wrap(errs.Internal, err, "write %s: %v", path, err)
 	}
 	_, err = f.Write(b)
 	if err == nil {
@@ -339,7 +369,7 @@ func writeFileAtomic(path string, b []byte) error {
 	}
 	if err != nil {
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "write %s", path)
+		return errs.Wrap(errs.Internal, err, "write %s: %v", path, err)
 	}
 	return nil
 }
@@ -362,12 +392,12 @@ func writeMemory(path string, mem []byte, runs []Run) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
-		return errs.Wrap(errs.Internal, err, "memory file")
+		return errs.Wrap(errs.Internal, err, "memory file %s: %v", path, err)
 	}
 	fail := func(err error) error {
 		f.Close()
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "write memory file %s", path)
+		return errs.Wrap(errs.Internal, err, "write memory file %s: %v", path, err)
 	}
 	if err := f.Truncate(int64(len(mem))); err != nil {
 		return fail(err)
@@ -414,11 +444,11 @@ func writeMemory(path string, mem []byte, runs []Run) error {
 	}
 	if err := f.Close(); err != nil {
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "memory file")
+		return errs.Wrap(errs.Internal, err, "memory file %s: %v", path, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		os.Remove(tmp)
-		return errs.Wrap(errs.Internal, err, "memory file")
+		return errs.Wrap(errs.Internal, err, "memory file %s: %v", path, err)
 	}
 	return nil
 }
@@ -482,6 +512,24 @@ func Restore(dir string, spec machine.Spec) (*machine.Machine, *State, error) {
 // RestoreState is Restore with the state already loaded (pools keep the
 // decoded state of a template in memory).
 func RestoreState(dir string, s *State, spec machine.Spec) (*machine.Machine, error) {
+	m, err := Prepare(dir, s, spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := Apply(m.VM, s); err != nil {
+		m.VM.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// Prepare does every step of a restore that does not depend on the
+// snapshot's CPU and device state: create the KVM VM, irqchip, PIT and
+// vCPUs, map guest memory (and layers) MAP_PRIVATE, attach the devices.
+// A pre-started VMM prepares ahead of time (these steps wait for kernel
+// RCU grace periods and cost milliseconds on a busy host); Apply and
+// Start are then all a restore request has left to do.
+func Prepare(dir string, s *State, spec machine.Spec) (*machine.Machine, error) {
 	spec.MemSize = s.Meta.MemSize
 	spec.VCPUs = s.Meta.VCPUs
 	spec.MemMode = vm.MemFilePrivate
@@ -496,7 +544,7 @@ func RestoreState(dir string, s *State, spec machine.Spec) (*machine.Machine, er
 		m.VM.Close()
 		return nil, err
 	}
-	if err := Apply(m.VM, s); err != nil {
+	if err := s.Check(m.VM); err != nil {
 		m.VM.Close()
 		return nil, err
 	}

@@ -50,6 +50,15 @@ func (a *Asm) OutStr(port uint16, s string) *Asm {
 	return a
 }
 
+// RepOutsb writes the n bytes at addr to port with one string
+// instruction (rep outsb): the VMM sees I/O exits with count > 1.
+func (a *Asm) RepOutsb(port uint16, addr, n uint32) *Asm {
+	a.emit(0xBE).imm32(addr) // mov esi, addr
+	a.emit(0xB9).imm32(n)    // mov ecx, n
+	a.emit(0x66, 0xBA, byte(port), byte(port>>8))
+	return a.emit(0xF3, 0x6E) // rep outsb
+}
+
 // InByte reads port into al.
 func (a *Asm) InByte(port uint16) *Asm {
 	return a.emit(0x66, 0xBA, byte(port), byte(port>>8), 0xEC)
@@ -103,6 +112,17 @@ func (a *Asm) Spin() *Asm { return a.emit(0xEB, 0xFE) }
 func (a *Asm) CountForever(addr uint32) *Asm {
 	a.MovEAX(addr)
 	return a.emit(0x48, 0xFF, 0x00, 0xEB, 0xFB) // l: inc qword [rax]; jmp l
+}
+
+// StoreCountForever writes 0 to the 32-bit address addr and increments
+// the 64-bit counter at counter, forever (a guest hammering a device
+// register, e.g. virtio QueueNotify, that counts its own writes).
+func (a *Asm) StoreCountForever(addr, counter uint32) *Asm {
+	a.emit(0xB9).imm32(counter) // mov ecx, counter
+	a.MovEAX(addr)
+	return a.emit(0xC7, 0x00, 0, 0, 0, 0, // l: mov dword [rax], 0
+		0x48, 0xFF, 0x01, // inc qword [rcx]
+		0xEB, 0xF5) // jmp l
 }
 
 // UD2 raises #UD.

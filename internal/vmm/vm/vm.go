@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -297,6 +298,15 @@ func (v *VM) Pause() error {
 	for v.parked < v.live && v.state == StateRunning {
 		v.cond.Wait()
 		if v.parked < v.live && time.Since(start) > 5*time.Second {
+			// Give up and let the parked vCPUs run again: the VM stays
+			// running rather than half paused.
+			v.req.Store(v.req.Load() &^ reqPause)
+			if v.req.Load()&reqStop == 0 {
+				for _, c := range v.CPUs {
+					c.SetImmediateExit(false)
+				}
+			}
+			v.cond.Broadcast()
 			return fmt.Errorf("pause: %d of %d vCPUs did not park", v.live-v.parked, v.live)
 		}
 	}
@@ -320,7 +330,13 @@ func (v *VM) Resume() error {
 		return fmt.Errorf("vm is %s, not paused", v.state)
 	}
 	v.req.Store(v.req.Load() &^ reqPause)
+	if v.req.Load()&reqStop != 0 {
+		return fmt.Errorf("vm is stopping")
+	}
 	for _, c := range v.CPUs {
+		// Tell a kvmclock guest it was paused, so its watchdogs do not
+		// report a soft lockup (EINVAL when the guest has no kvmclock).
+		_ = c.KVMClockCtrl()
 		c.SetImmediateExit(false)
 	}
 	v.state = StateRunning
@@ -418,6 +434,14 @@ func (c *VCPU) loop() {
 	v := c.vm
 	c.tid.Store(int32(unix.Gettid()))
 	defer c.exited()
+	defer func() {
+		// A device model bug must not take the process down silently:
+		// stop the VM and report it as a VMM fault.
+		if r := recover(); r != nil {
+			v.log.Error("panic on vCPU thread", "vcpu", c.ID, "panic", r, "stack", string(debug.Stack()))
+			v.finish(Result{Outcome: OutcomeCrashed, Reason: fmt.Sprintf("vmm panic: %v", r), VCPU: c.ID})
+		}
+	}()
 	// A kick sent before tid was stored is covered by immediate_exit,
 	// which kickAll sets first.
 	for {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -395,5 +396,74 @@ func TestMemorySlice(t *testing.T) {
 	a[0] = 7
 	if m.Host()[boot.MMIOGapStart] != 7 {
 		t.Fatal("high RAM does not follow low RAM in the host mapping")
+	}
+}
+
+type panicDev struct{}
+
+func (panicDev) PIORead(uint16, []byte)  { panic("device bug") }
+func (panicDev) PIOWrite(uint16, []byte) { panic("device bug") }
+
+func TestDevicePanicStopsVM(t *testing.T) {
+	v, _ := newGuest(t, synth.New(synth.LoadAddr).OutStr(0x60, "x").Spin().Bytes())
+	if err := v.PIO.AddPIO("bad", 0x60, 1, panicDev{}); err != nil {
+		t.Fatal(err)
+	}
+	v.Start()
+	select {
+	case <-v.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("vm still running after a device panic")
+	}
+	if r := v.Wait(); r.Outcome != OutcomeCrashed || !strings.Contains(r.Reason, "device bug") {
+		t.Fatalf("result %+v", r)
+	}
+}
+
+func TestStringIO(t *testing.T) {
+	const data = 0x102000
+	msg := "string I/O through one rep outsb\n"
+	v, p := newGuest(t, synth.New(synth.LoadAddr).RepOutsb(0x3f8, data, uint32(len(msg))).Spin().Bytes())
+	if err := v.Mem.Write(data, []byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	v.Start()
+	p.waitFor(t, msg)
+	v.Stop()
+	if n := v.Metrics.Exits()["io"]; n >= uint64(len(msg)) {
+		t.Logf("io exits %d: the string was not batched (allowed, just slower)", n)
+	}
+}
+
+// TestPauseResumeStress pauses and resumes a spinning guest many times,
+// with a stop racing the last ones.
+func TestPauseResumeStress(t *testing.T) {
+	v, p := newGuest(t, synth.Hello("x\n"))
+	v.Start()
+	p.waitFor(t, "x\n")
+	for i := 0; i < 200; i++ {
+		if err := v.Pause(); err != nil {
+			t.Fatalf("pause %d: %v", i, err)
+		}
+		if err := v.Resume(); err != nil {
+			t.Fatalf("resume %d: %v", i, err)
+		}
+	}
+	go func() {
+		for v.Pause() == nil && v.Resume() == nil {
+		}
+	}()
+	done := make(chan Result, 1)
+	go func() { done <- v.Stop() }()
+	select {
+	case r := <-done:
+		if r.Outcome != OutcomeStopped {
+			t.Fatalf("result %+v", r)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("stop racing pause/resume hung")
+	}
+	if v.Metrics.Pauses.Load() < 200 {
+		t.Fatalf("pauses %d", v.Metrics.Pauses.Load())
 	}
 }

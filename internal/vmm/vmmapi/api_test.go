@@ -53,6 +53,9 @@ func (f *fakeCtl) Resume() error    { f.state = "running"; return nil }
 func (f *fakeCtl) Stop() error      { f.state = "stopped"; return nil }
 func (f *fakeCtl) Status() Status   { return Status{State: f.state} }
 func (f *fakeCtl) Metrics() Metrics { return Metrics{State: f.state} }
+func (f *fakeCtl) VCPUs() ([]VCPURegs, error) {
+	return []VCPURegs{{ID: 0, RIP: 0x100000}}, nil
+}
 
 func TestServerRoutes(t *testing.T) {
 	ctl := &fakeCtl{state: "created"}
@@ -67,7 +70,7 @@ func TestServerRoutes(t *testing.T) {
 		{"POST", "/start", 409, `"kind":"conflict"`},
 		{"GET", "/pause", 404, "no such endpoint"},
 		{"POST", "/pause", 200, `"paused"`},
-		{"POST", "/snapshot", 501, "issue 7"},
+		{"POST", "/snapshot", 501, "not supported"},
 		{"DELETE", "/nope", 404, "no such endpoint"},
 	} {
 		rec := httptest.NewRecorder()
@@ -94,6 +97,26 @@ func FuzzServer(f *testing.F) {
 		NewServer(&fakeCtl{state: "created"}, nil).http.Handler.ServeHTTP(rec, req)
 		if rec.Code == 0 || rec.Code >= 600 {
 			t.Fatalf("code %d", rec.Code)
+		}
+	})
+}
+
+func FuzzParseDisk(f *testing.F) {
+	f.Add("base=/a,overlay=/b,id=c")
+	f.Add("/x")
+	f.Add("base=,=,")
+	f.Fuzz(func(t *testing.T, s string) {
+		d, err := ParseDisk(s)
+		if err != nil {
+			return
+		}
+		if d.Base == "" {
+			t.Fatal("accepted a disk without a base")
+		}
+		if !strings.ContainsAny(d.Base+d.Overlay+d.ID, ",") {
+			if d2, err := ParseDisk(d.String()); err != nil || d2 != d {
+				t.Fatalf("round trip of %q: %+v %v", s, d2, err)
+			}
 		}
 	})
 }

@@ -1,6 +1,7 @@
 package vmmapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -36,7 +37,19 @@ func NewClient(socket string) *Client {
 func (c *Client) Socket() string { return c.socket }
 
 func (c *Client) do(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, "http://vmm"+path, nil)
+	return c.doBody(ctx, method, path, nil, out)
+}
+
+func (c *Client) doBody(ctx context.Context, method, path string, in, out any) error {
+	var reqBody io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return errs.Wrap(errs.Internal, err, "vmm request")
+		}
+		reqBody = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://vmm"+path, reqBody)
 	if err != nil {
 		return errs.Wrap(errs.Internal, err, "vmm request")
 	}
@@ -128,4 +141,16 @@ func (c *Client) WaitReady(ctx context.Context) (Status, error) {
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// Snapshot takes a snapshot (see SnapshotRequest).
+func (c *Client) Snapshot(ctx context.Context, r SnapshotRequest) (SnapshotReply, error) {
+	var out SnapshotReply
+	return out, c.doBody(ctx, "POST", "/snapshot", r, &out)
+}
+
+// Restore makes a pre-started VMM restore a snapshot.
+func (c *Client) Restore(ctx context.Context, r RestoreRequest) (RestoreReply, error) {
+	var out RestoreReply
+	return out, c.doBody(ctx, "POST", "/restore", r, &out)
 }

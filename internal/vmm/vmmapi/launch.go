@@ -72,7 +72,7 @@ func Limits(o Options) jail.Limits {
 	if v <= 0 {
 		v = 1
 	}
-	return jail.Limits{MemoryBytes: (mem + 256) << 20, PidsMax: 64 + 2*v, CPUs: float64(v)}
+	return jail.Limits{MemoryBytes: (mem + 256) << 20, PidsMax: 128 + 2*v, CPUs: float64(v)}
 }
 
 // OpenTap opens the tap interface name (IFF_TAP | IFF_NO_PI |
@@ -175,7 +175,10 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 	cmd.ExtraFiles = files
 	// No cgroup-driven GOMAXPROCS updates: the runtime would re-read
 	// cgroup files, which the seccomp filter refuses.
-	cmd.Env = append(append(os.Environ(), "GODEBUG=updatemaxprocs=0"), c.Env...)
+	// vCPU threads sit in KVM_RUN without holding a P; device goroutines
+	// need a few.
+	procs := max(2, min(o.VCPUs+1, 8))
+	cmd.Env = append(append(os.Environ(), "GODEBUG=updatemaxprocs=0", "GOMAXPROCS="+strconv.Itoa(procs)), c.Env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if c.Isolate {
 		cmd.SysProcAttr.Cloneflags = unix.CLONE_NEWNS | unix.CLONE_NEWNET | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS

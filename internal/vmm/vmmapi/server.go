@@ -20,6 +20,15 @@ type Controller interface {
 	Stop() error
 	Status() Status
 	Metrics() Metrics
+	// VCPUs reads every vCPU's registers (debugging).
+	VCPUs() ([]VCPURegs, error)
+}
+
+// Snapshotter is implemented by controllers that take snapshots and
+// restore them (package vmm/snapshot; issue 7).
+type Snapshotter interface {
+	Snapshot(SnapshotRequest) (SnapshotReply, error)
+	Restore(RestoreRequest) (RestoreReply, error)
 }
 
 // Server serves the control protocol.
@@ -40,15 +49,52 @@ func NewServer(ctl Controller, log *slog.Logger) *Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) { reply(w, ctl.Status()) })
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) { reply(w, ctl.Metrics()) })
+	mux.HandleFunc("GET /debug/vcpus", func(w http.ResponseWriter, r *http.Request) {
+		v, err := ctl.VCPUs()
+		if err != nil {
+			replyErr(w, err)
+			return
+		}
+		reply(w, v)
+	})
 	mux.HandleFunc("POST /start", s.action(ctl.Start))
 	mux.HandleFunc("POST /pause", s.action(ctl.Pause))
 	mux.HandleFunc("POST /resume", s.action(ctl.Resume))
 	mux.HandleFunc("POST /stop", s.action(ctl.Stop))
-	unimpl := func(w http.ResponseWriter, r *http.Request) {
-		replyErr(w, errs.E(errs.Unimplemented, "%s is not implemented yet (snapshots: issue 7)", r.URL.Path))
+	if sn, ok := ctl.(Snapshotter); ok {
+		mux.HandleFunc("POST /snapshot", func(w http.ResponseWriter, r *http.Request) {
+			var req SnapshotRequest
+			if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+				replyErr(w, errs.Wrap(errs.InvalidArgument, err, "snapshot request"))
+				return
+			}
+			rep, err := sn.Snapshot(req)
+			if err != nil {
+				replyErr(w, err)
+				return
+			}
+			reply(w, rep)
+		})
+		mux.HandleFunc("POST /restore", func(w http.ResponseWriter, r *http.Request) {
+			var req RestoreRequest
+			if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+				replyErr(w, errs.Wrap(errs.InvalidArgument, err, "restore request"))
+				return
+			}
+			rep, err := sn.Restore(req)
+			if err != nil {
+				replyErr(w, err)
+				return
+			}
+			reply(w, rep)
+		})
+	} else {
+		unimpl := func(w http.ResponseWriter, r *http.Request) {
+			replyErr(w, errs.E(errs.Unimplemented, "%s is not supported by this VMM", r.URL.Path))
+		}
+		mux.HandleFunc("POST /snapshot", unimpl)
+		mux.HandleFunc("POST /restore", unimpl)
 	}
-	mux.HandleFunc("POST /snapshot", unimpl)
-	mux.HandleFunc("POST /restore", unimpl)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		replyErr(w, errs.E(errs.NotFound, "no such endpoint %s %s", r.Method, r.URL.Path))
 	})

@@ -26,3 +26,26 @@ func TestCMOSTime(t *testing.T) {
 		t.Fatal("nvram")
 	}
 }
+
+func FuzzCMOS(f *testing.F) {
+	f.Add([]byte{0x70, 0x0a, 0x71, 0x00, 0x70, 0x40, 0x71, 0x55})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		c := NewCMOS()
+		for i := 0; i+1 < len(ops); i += 2 {
+			port := uint16(0x70 + ops[i]&1)
+			n := 1 + int(ops[i]>>1)%4
+			b := make([]byte, n)
+			b[0] = ops[i+1]
+			if ops[i]&0x80 != 0 {
+				c.PIORead(port, b)
+			} else {
+				c.PIOWrite(port, b)
+			}
+		}
+		s, _ := c.SaveState()
+		if err := NewCMOS().RestoreState(s); err != nil {
+			t.Fatal(err)
+		}
+		NewCMOS().RestoreState(ops) // arbitrary state must be refused or accepted, never panic
+	})
+}

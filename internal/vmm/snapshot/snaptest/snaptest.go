@@ -11,8 +11,13 @@
 package snaptest
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cubesandbox/cube/internal/vmm/boot"
@@ -20,8 +25,10 @@ import (
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio/rng"
 	"github.com/cubesandbox/cube/internal/vmm/machine"
+	"github.com/cubesandbox/cube/internal/vmm/snapshot"
 	"github.com/cubesandbox/cube/internal/vmm/synth"
 	"github.com/cubesandbox/cube/internal/vmm/vm"
+	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
 )
 
 // Guest-physical layout.
@@ -50,7 +57,7 @@ const (
 func Spec() machine.Spec {
 	return machine.Spec{
 		KernelFormat: boot.FormatRaw, MemSize: MemSize, VCPUs: 1,
-		Virtio: []machine.VirtioDevice{{Name: "rng", Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
+		Virtio: []machine.VirtioDevice{{Name: "rng0", Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
 			return virtio.NewTransport(rng.New(), mem, irq, virtio.Options{NoEventIdx: true}), nil
 		}}},
 	}
@@ -209,4 +216,69 @@ func RunToPhase1(m *machine.Machine) error {
 			U64(m.VM, Phase), U64(m.VM, Counter), UsedIdx(m.VM), m.VM.State())
 	}
 	return nil
+}
+
+// Serve runs a pre-started VMM for the synthetic guest on a control
+// socket at path (vmmapi protocol; POST /restore builds the VM) until it
+// is told to stop. With prepare set, the restore of that snapshot
+// directory is prepared ahead (snapshot.Prepare).
+func Serve(path, prepare string) error {
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	ctl := &snapshot.Controller{Spec: Spec}
+	if prepare != "" {
+		if err := ctl.Prepare(prepare); err != nil {
+			return err
+		}
+	}
+	ctl.OnStop = func() { close(done) }
+	srv := vmmapi.NewServer(ctl, nil)
+	go srv.Serve(l)
+	<-done
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	srv.Shutdown(ctx)
+	ctl.Close()
+	return nil
+}
+
+// Mem is a process's memory from /proc/PID/smaps_rollup, in bytes.
+type Mem struct {
+	RSS, PSS, PSSAnon, PSSFile uint64
+}
+
+// ReadMem reads /proc/PID/smaps_rollup.
+func ReadMem(pid int) (Mem, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return Mem{}, err
+	}
+	var m Mem
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		v, err := strconv.ParseUint(f[1], 10, 64)
+		if err != nil {
+			continue
+		}
+		switch f[0] {
+		case "Rss:":
+			m.RSS = v << 10
+		case "Pss:":
+			m.PSS = v << 10
+		case "Pss_Anon:":
+			m.PSSAnon = v << 10
+		case "Pss_File:":
+			m.PSSFile = v << 10
+		}
+	}
+	if m.RSS == 0 {
+		return m, fmt.Errorf("no Rss in /proc/%d/smaps_rollup", pid)
+	}
+	return m, nil
 }

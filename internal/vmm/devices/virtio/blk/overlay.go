@@ -8,6 +8,8 @@ import (
 	"io"
 	"os"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // Disk is a block device backend. Offsets and lengths are in bytes.
@@ -92,8 +94,9 @@ func (d *FileDisk) Close() error   { return d.f.Close() }
 // Reads of blocks not in the map fall through to the read-only base.
 // A first write to a block copies the rest of it from the base (when the
 // write does not cover it whole), writes it to the overlay and sets its
-// bit. Flush writes the map and fsyncs the overlay, so after a flush the
-// file is a complete, reopenable disk state.
+// bit. Flush syncs the data, then writes the map and syncs again, so
+// after a flush the file is a complete, reopenable disk state and a
+// crash at any point leaves a consistent (possibly older) one.
 const (
 	overlayMagic   = "CUBECOW1"
 	overlayVersion = 1
@@ -328,18 +331,23 @@ func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// Flush implements Disk: the block map is written, then the overlay
-// fsynced.
+// Flush implements Disk. When blocks were added to the overlay, their
+// data is made durable before the map that points at them is written,
+// so a crash can never leave the map naming a block whose data is not on
+// disk (which would read as zeros instead of the base's content).
 func (o *Overlay) Flush() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.dirty {
+		if err := unix.Fdatasync(int(o.ov.Fd())); err != nil {
+			return err
+		}
 		if _, err := o.ov.WriteAt(o.bitmap, o.mapOff); err != nil {
 			return err
 		}
 		o.dirty = false
 	}
-	return o.ov.Sync()
+	return unix.Fdatasync(int(o.ov.Fd()))
 }
 
 // Close flushes and closes both files.

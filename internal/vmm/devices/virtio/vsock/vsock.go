@@ -354,6 +354,9 @@ func (d *Device) kill(c *conn, rst bool) {
 
 // handleTx processes one guest packet. Called with mu held.
 func (d *Device) handleTx(h *Hdr, ch *virtio.Chain) {
+	if d.act == nil {
+		return // reset while this notification was being served
+	}
 	if h.SrcCID != d.cfg.GuestCID || h.DstCID != HostCID {
 		return // not addressed to us: drop
 	}

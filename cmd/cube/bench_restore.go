@@ -1,0 +1,454 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/cubesandbox/cube/internal/vmm/kvm"
+	"github.com/cubesandbox/cube/internal/vmm/snapshot"
+	st "github.com/cubesandbox/cube/internal/vmm/snapshot/snaptest"
+	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
+)
+
+func init() { addBench(newBenchRestore) }
+
+func newBenchRestore() *cobra.Command {
+	var (
+		n          int
+		concList   string
+		noCrun     bool
+		crunHelper string
+		crunConc   int
+	)
+	cmd := &cobra.Command{
+		Use:   "restore",
+		Short: "Snapshot restore-to-running latency and memory per idle clone (synthetic guest) vs crun run /bin/true",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if crunHelper != "" {
+				return restoreCrunHelper(crunHelper, n, crunConc, cmd.OutOrStdout())
+			}
+			var concs []int
+			for _, f := range strings.Split(concList, ",") {
+				c, err := strconv.Atoi(strings.TrimSpace(f))
+				if err != nil || c < 1 {
+					return fmt.Errorf("-c %q: want a comma-separated list of positive integers", concList)
+				}
+				concs = append(concs, c)
+			}
+			if n < 1 {
+				return fmt.Errorf("-n must be positive")
+			}
+			return runBenchRestore(cmd.OutOrStdout(), n, concs, !noCrun)
+		},
+	}
+	cmd.Flags().IntVarP(&n, "n", "n", 100, "clones (and crun runs) per concurrency level")
+	cmd.Flags().StringVarP(&concList, "c", "c", "1,10", "concurrency levels")
+	cmd.Flags().BoolVar(&noCrun, "no-crun", false, "skip the crun peer")
+	cmd.Flags().StringVar(&crunHelper, "crun-helper", "", "internal: run crun in this bundle (inside a private mount namespace)")
+	cmd.Flags().IntVar(&crunConc, "crun-c", 1, "internal: crun helper concurrency")
+	_ = cmd.Flags().MarkHidden("crun-helper")
+	_ = cmd.Flags().MarkHidden("crun-c")
+	return cmd
+}
+
+type latencies []time.Duration
+
+func (l latencies) pct(p int) time.Duration {
+	if len(l) == 0 {
+		return 0
+	}
+	s := append(latencies(nil), l...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := len(s) * p / 100
+	if i >= len(s) {
+		i = len(s) - 1
+	}
+	return s[i]
+}
+
+func msStr(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000) }
+
+// parallel runs f(0..n-1) on c workers.
+func parallel(n, c int, f func(i int) error) error {
+	var mu sync.Mutex
+	var first error
+	next := 0
+	var wg sync.WaitGroup
+	for w := 0; w < c; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				i := next
+				next++
+				stop := first != nil
+				mu.Unlock()
+				if i >= n || stop {
+					return
+				}
+				if err := f(i); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return first
+}
+
+type vmmProc struct {
+	cmd *exec.Cmd
+	cl  *vmmapi.Client
+}
+
+func startVMM(dir string, i int, prepare string) (*vmmProc, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	sock := filepath.Join(dir, fmt.Sprintf("vmm-%d-%d.sock", i, time.Now().UnixNano()))
+	args := []string{"vmm-restore", "--api-socket", sock}
+	if prepare != "" {
+		args = append(args, "--prepare", prepare)
+	}
+	c := exec.Command(self, args...)
+	c.Stderr = os.Stderr
+	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := c.Start(); err != nil {
+		return nil, err
+	}
+	// Ready when the socket accepts.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		conn, err := net.Dial("unix", sock)
+		if err == nil {
+			conn.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			c.Process.Kill()
+			c.Wait()
+			return nil, fmt.Errorf("vmm %d did not come up: %v", i, err)
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	p := &vmmProc{cmd: c, cl: vmmapi.NewClient(sock)}
+	if prepare != "" {
+		// A pool keeps its control connection open: warm it.
+		if _, err := p.cl.Status(context.Background()); err != nil {
+			p.stop()
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+func (p *vmmProc) stop() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	p.cl.Stop(ctx)
+	done := make(chan struct{})
+	go func() { p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		p.cmd.Process.Kill()
+		<-done
+	}
+}
+
+type restoreRow struct {
+	c                      int
+	path                   string
+	lat                    latencies
+	inVMM                  latencies
+	pssAvg, rssAvg, pssSum uint64
+	anonAvg, fileAvg       uint64
+}
+
+func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
+	if !kvm.Available() {
+		return fmt.Errorf("bench restore needs /dev/kvm")
+	}
+	work, err := os.MkdirTemp("", "cube-bench-restore-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	snap := filepath.Join(work, "snap")
+	m, err := st.Boot(st.Spec())
+	if err != nil {
+		return err
+	}
+	if err := st.RunToPhase1(m); err != nil {
+		m.VM.Close()
+		return err
+	}
+	t0 := time.Now()
+	if _, err := snapshot.Take(m.VM, snap, snapshot.Options{}); err != nil {
+		m.VM.Close()
+		return err
+	}
+	takeDur := time.Since(t0)
+	m.VM.Close()
+	stFI, _ := os.Stat(filepath.Join(snap, snapshot.StateFile))
+	memFI, _ := os.Stat(filepath.Join(snap, snapshot.MemoryFile))
+	var memAlloc int64
+	if s, ok := memFI.Sys().(*syscall.Stat_t); ok {
+		memAlloc = s.Blocks * 512
+	}
+	fmt.Fprintf(out, "synthetic guest: %d MiB RAM, 1 vCPU, virtio-rng with a request in flight; snapshot taken in %s: state file %d bytes, memory file %.1f MiB allocated\n",
+		st.MemSize>>20, msStr(takeDur), stFI.Size(), float64(memAlloc)/(1<<20))
+
+	var rows []restoreRow
+	ctx := context.Background()
+	for _, c := range concs {
+		for _, mode := range []string{"prepared", "pre-started", "cold"} {
+			row := restoreRow{c: c}
+			procs := make([]*vmmProc, n)
+			prepare := ""
+			switch mode {
+			case "prepared":
+				row.path = "pre-started VMM, restore prepared (request -> running)"
+				prepare = snap
+			case "pre-started":
+				row.path = "pre-started VMM, not prepared (request -> running)"
+			case "cold":
+				row.path = "cold: fork/exec VMM + restore (exec -> running)"
+			}
+			if mode != "cold" {
+				if err := parallel(n, 4, func(i int) error {
+					p, err := startVMM(work, i, prepare)
+					procs[i] = p
+					return err
+				}); err != nil {
+					stopAll(procs)
+					return err
+				}
+			}
+			var mu sync.Mutex
+			err := parallel(n, c, func(i int) error {
+				t0 := time.Now()
+				if mode == "cold" {
+					p, err := startVMM(work, i, "")
+					if err != nil {
+						return err
+					}
+					procs[i] = p
+				}
+				rep, err := procs[i].cl.Restore(ctx, vmmapi.RestoreRequest{Dir: snap, WaitWord: st.Counter})
+				d := time.Since(t0)
+				if err != nil {
+					return err
+				}
+				// Idle the clone (a spinning synthetic guest would burn a core).
+				if _, err := procs[i].cl.Pause(ctx); err != nil {
+					return err
+				}
+				mu.Lock()
+				row.lat = append(row.lat, d)
+				row.inVMM = append(row.inVMM, time.Duration(rep.RestoreMillis*float64(time.Millisecond)))
+				mu.Unlock()
+				return nil
+			})
+			if err == nil && mode == "prepared" {
+				for _, p := range procs {
+					mm, err := st.ReadMem(p.cmd.Process.Pid)
+					if err != nil {
+						continue
+					}
+					row.pssSum += mm.PSS
+					row.rssAvg += mm.RSS / uint64(n)
+					row.anonAvg += mm.PSSAnon / uint64(n)
+					row.fileAvg += mm.PSSFile / uint64(n)
+				}
+				row.pssAvg = row.pssSum / uint64(n)
+			}
+			stopAll(procs)
+			if err != nil {
+				return err
+			}
+			rows = append(rows, row)
+		}
+		if crun {
+			lat, err := runCrun(work, n, c)
+			if err != nil {
+				fmt.Fprintf(out, "crun peer failed: %v\n", err)
+			} else {
+				rows = append(rows, restoreRow{c: c, path: "crun run /bin/true (busybox-static rootfs)", lat: lat})
+			}
+		}
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "c\tpath\tn\tp50\tp99\tin-VMM p50\tPSS/idle clone\n")
+	var crunP50, prepP50 = map[int]time.Duration{}, map[int]time.Duration{}
+	for _, r := range rows {
+		inv, pss := "-", "-"
+		if len(r.inVMM) > 0 {
+			inv = msStr(r.inVMM.pct(50))
+		}
+		if r.pssAvg > 0 {
+			pss = fmt.Sprintf("%.2f MiB (anon %.2f, file %.2f; RSS %.1f; sum of %d: %.0f MiB)", mib(r.pssAvg), mib(r.anonAvg), mib(r.fileAvg), mib(r.rssAvg), n, mib(r.pssSum))
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\n", r.c, r.path, len(r.lat), msStr(r.lat.pct(50)), msStr(r.lat.pct(99)), inv, pss)
+		if strings.HasPrefix(r.path, "crun") {
+			crunP50[r.c] = r.lat.pct(50)
+		}
+		if strings.Contains(r.path, "prepared (") {
+			prepP50[r.c] = r.lat.pct(50)
+		}
+	}
+	tw.Flush()
+	for _, c := range concs {
+		if crunP50[c] > 0 && prepP50[c] > 0 {
+			fmt.Fprintf(out, "c=%d: restore-to-running p50 is %.1fx faster than crun run /bin/true p50\n", c, float64(crunP50[c])/float64(prepP50[c]))
+		}
+	}
+	fmt.Fprintln(out, "goals (issue 7): ~2 ms restore, < 3 MiB per idle clone")
+	return nil
+}
+
+func mib(b uint64) float64 { return float64(b) / (1 << 20) }
+
+func stopAll(ps []*vmmProc) {
+	var wg sync.WaitGroup
+	for _, p := range ps {
+		if p == nil {
+			continue
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); p.stop() }()
+	}
+	wg.Wait()
+}
+
+// runCrun builds a busybox-static bundle and times n `crun run` of
+// /bin/true at concurrency c in a helper in a private mount namespace
+// (crun needs cgroup2 mounted at /sys/fs/cgroup; this host has v1).
+func runCrun(work string, n, c int) (latencies, error) {
+	crunPath, err := exec.LookPath("crun")
+	if err != nil {
+		return nil, fmt.Errorf("crun not installed (apt-get install crun)")
+	}
+	bb := "/bin/busybox"
+	if _, err := os.Stat(bb); err != nil {
+		return nil, fmt.Errorf("busybox-static not installed")
+	}
+	bundle := filepath.Join(work, "crun-bundle")
+	if _, err := os.Stat(filepath.Join(bundle, "config.json")); err != nil {
+		rootfs := filepath.Join(bundle, "rootfs")
+		for _, d := range []string{"bin", "proc", "sys", "dev", "tmp"} {
+			if err := os.MkdirAll(filepath.Join(rootfs, d), 0o755); err != nil {
+				return nil, err
+			}
+		}
+		b, err := os.ReadFile(bb)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(filepath.Join(rootfs, "bin", "busybox"), b, 0o755); err != nil {
+			return nil, err
+		}
+		if err := os.Symlink("busybox", filepath.Join(rootfs, "bin", "true")); err != nil {
+			return nil, err
+		}
+		spec := exec.Command(crunPath, "spec")
+		spec.Dir = bundle
+		if o, err := spec.CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("crun spec: %v: %s", err, o)
+		}
+		var cfg map[string]any
+		raw, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+		if err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal(raw, &cfg); err != nil {
+			return nil, err
+		}
+		proc, _ := cfg["process"].(map[string]any)
+		if proc == nil {
+			return nil, fmt.Errorf("crun spec: no process section")
+		}
+		proc["terminal"] = false
+		proc["args"] = []string{"/bin/true"}
+		raw, _ = json.Marshal(cfg)
+		if err := os.WriteFile(filepath.Join(bundle, "config.json"), raw, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	h := exec.Command(self, "bench", "restore", "--crun-helper", bundle, "-n", strconv.Itoa(n), "--crun-c", strconv.Itoa(c))
+	h.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGKILL}
+	h.Stderr = os.Stderr
+	o, err := h.Output()
+	if err != nil {
+		return nil, fmt.Errorf("crun helper: %v", err)
+	}
+	var ns []int64
+	if err := json.Unmarshal(o, &ns); err != nil {
+		return nil, fmt.Errorf("crun helper output %q: %v", o, err)
+	}
+	var lat latencies
+	for _, v := range ns {
+		lat = append(lat, time.Duration(v))
+	}
+	return lat, nil
+}
+
+// restoreCrunHelper runs in a private mount namespace: mount cgroup2 and
+// time n crun runs; prints the latencies (ns) as JSON.
+func restoreCrunHelper(bundle string, n, c int, out io.Writer) error {
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make / private: %w", err)
+	}
+	if err := unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, ""); err != nil {
+		return fmt.Errorf("mount cgroup2: %w", err)
+	}
+	root, err := os.MkdirTemp("", "cube-bench-crun-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(root)
+	res := make([]int64, n)
+	err = parallel(n, c, func(i int) error {
+		id := fmt.Sprintf("cubebench-%d-%d", os.Getpid(), i)
+		t0 := time.Now()
+		cmd := exec.Command("crun", "--root", root, "--cgroup-manager=disabled", "run", "--bundle", bundle, id)
+		if o, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("crun run: %v: %s", err, o)
+		}
+		res[i] = int64(time.Since(t0))
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return json.NewEncoder(out).Encode(res)
+}
