@@ -47,7 +47,7 @@ func newEnv(t testing.TB, mod ...func(*config.Config)) *env {
 	for _, id := range []string{"base", "code-interpreter"} {
 		rt.BakeTemplate(ctx, runtime.Template{ID: id})
 	}
-	s, err := server.New(ctx, cfg, rt, nil, logging.Discard())
+	s, err := server.New(ctx, cfg, rt, logging.Discard())
 	if err != nil {
 		t.Fatal(err)
 	}
