@@ -37,7 +37,9 @@ export async function startServer() {
   // launch starts the server and resolves with the key it prints.
   const launch = () => {
     const log = fs.openSync(path.join(dataDir, 'server.log'), 'a')
-    st.proc = spawn(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'server', '--listen', `127.0.0.1:${port}`],
+    // CUBE_E2E_SERVER_ARGS: extra flags, e.g. --network-slots.
+    const extra = (process.env.CUBE_E2E_SERVER_ARGS || '').split(/\s+/).filter(Boolean)
+    st.proc = spawn(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'server', '--listen', `127.0.0.1:${port}`, ...extra],
       { stdio: ['ignore', 'pipe', log], env })
     st.exited = new Promise((resolve) => st.proc.on('exit', resolve))
     let out = ''
