@@ -91,6 +91,7 @@ export async function startServer() {
       st.proc.kill('SIGTERM')
       await Promise.race([st.exited, new Promise((r) => setTimeout(r, 20_000))])
       if (st.proc.exitCode === null) st.proc.kill('SIGKILL')
+      fs.rmSync(`/run/cube/net-${env.CUBE_SLOT_PREFIX}.lock`, { force: true }) // the slot manager's lock
       const left = leftovers(dataDir)
       if (left.length === 0 && !process.env.CUBE_E2E_KEEP) fs.rmSync(dataDir, { recursive: true, force: true })
       return left
