@@ -110,7 +110,7 @@ func init() {
 		f.StringVar(&dbURL, "database-url", "", "store: empty = SQLite in the data dir, or postgres://...")
 		f.StringVar(&rtName, "runtime", "auto", "sandbox runtime: auto, gvisor or microvm")
 		f.IntVar(&maxSandboxes, "max-sandboxes", 64, "sandboxes this node runs at once (paused ones excluded)")
-		f.BoolVar(&useNetSlots, "network-slots", false, "give each sandbox a network slot (internal/network) with its egress policy; off: a loopback-only namespace per sandbox and the policy is only stored")
+		f.BoolVar(&useNetSlots, "network-slots", true, "give each sandbox a network slot (internal/network): NAT egress and its egress policy; --network-slots=false: a loopback-only namespace per sandbox and the policy is only stored")
 		return c
 	})
 }

@@ -38,7 +38,7 @@ func init() {
 		}
 		m, err := network.NewManager(c, log.With("component", "network"))
 		if err != nil {
-			return nil, errs.Wrap(errs.KindOf(err), err, "network slots (run without --network-slots to do without)")
+			return nil, errs.Wrap(errs.KindOf(err), err, "network slots (run with --network-slots=false to do without)")
 		}
 		opts.Slots = m
 		inner, err := gvisor.New(ctx, opts)
