@@ -236,6 +236,15 @@ func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 			return err
 		}
 	}
+	if err := c.SetSregs(s.Sregs); err != nil {
+		return err
+	}
+	if err := c.SetRegs(s.Regs); err != nil {
+		return err
+	}
+	// MSRs after the special registers: KVM checks canonical addresses
+	// (KERNEL_GS_BASE, LSTAR, ...) against the vCPU's CR4, and a guest
+	// with 5-level paging (LA57) has addresses 4-level paging rejects.
 	// MSR_IA32_TSC_DEADLINE is ignored unless the LAPIC timer is in
 	// TSC-deadline mode: set it after the LAPIC, or a restored guest's
 	// pending timer never fires (and an idle guest never wakes).
@@ -249,12 +258,6 @@ func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 	}
 	if err := c.SetMSRs(msrs); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.ID, err)
-	}
-	if err := c.SetSregs(s.Sregs); err != nil {
-		return err
-	}
-	if err := c.SetRegs(s.Regs); err != nil {
-		return err
 	}
 	if err := c.SetXSave(s.XSave); err != nil {
 		return err
