@@ -37,7 +37,7 @@ func TestMicroVMRuntime(t *testing.T) {
 	defer cancel()
 	t0 := time.Now()
 	tpl := runtime.Template{ID: "busybox", Ext4Image: filepath.Join(d, "guest", "rootfs.ext4"),
-		Cmd: []string{"/sbin/cube-agent"}, Resources: runtime.Resources{MemoryMB: 256, CPUCount: 1}}
+		Cmd: []string{"/sbin/cube-agent", "--default-user", "root"}, Resources: runtime.Resources{MemoryMB: 256, CPUCount: 1}}
 	if err := rt.BakeTemplate(ctx, tpl); err != nil {
 		t.Fatalf("bake: %v", err)
 	}
