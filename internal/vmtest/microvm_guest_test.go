@@ -46,6 +46,10 @@ func TestMicroVMRuntime(t *testing.T) {
 		t.Helper()
 		r, err := conformance.Exec(ctx, rt, id, script)
 		if err != nil || r.ExitCode != 0 {
+			for _, f := range []string{"vmm.log", "serial.log"} {
+				b, _ := os.ReadFile(filepath.Join(rt.Dir(), "sandboxes", id, f))
+				t.Logf("%s %s:\n%s", id, f, b)
+			}
 			t.Fatalf("%s: %q: %+v %v", id, script, r, err)
 		}
 		return r.Stdout
