@@ -298,11 +298,7 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if o.Resume {
-			resume()
-		}
-	}()
+	defer func() { resume(o.Resume) }()
 	s, err := Capture(v)
 	if err != nil {
 		return nil, err
@@ -322,7 +318,7 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 }
 
 // quiesce pauses the vCPUs and devices; the returned func undoes it.
-func quiesce(v *vm.VM) (func(), error) {
+func quiesce(v *vm.VM) (func(vcpus bool), error) {
 	wasRunning := v.State() == vm.StateRunning
 	if wasRunning {
 		if err := v.Pause(); err != nil {
@@ -336,11 +332,14 @@ func quiesce(v *vm.VM) (func(), error) {
 			qs = append(qs, q)
 		}
 	}
-	return func() {
+	// Devices always go back to work once the snapshot is written (a
+	// paused VM may be resumed later with a plain VM resume); the vCPUs
+	// only when asked.
+	return func(vcpus bool) {
 		for _, q := range qs {
 			q.Resume()
 		}
-		if wasRunning {
+		if wasRunning && vcpus {
 			_ = v.Resume()
 		}
 	}, nil
