@@ -37,7 +37,7 @@ func TestMicroVMRuntime(t *testing.T) {
 	defer cancel()
 	t0 := time.Now()
 	tpl := runtime.Template{ID: "busybox", Ext4Image: filepath.Join(d, "guest", "rootfs.ext4"),
-		Cmd: []string{"/sbin/cube-agent"}, Resources: runtime.Resources{MemoryMB: 256, CPUCount: 1}}
+		Cmd: []string{"/sbin/cube-agent", "--default-user", "root"}, Resources: runtime.Resources{MemoryMB: 256, CPUCount: 1}}
 	if err := rt.BakeTemplate(ctx, tpl); err != nil {
 		t.Fatalf("bake: %v", err)
 	}
@@ -46,6 +46,10 @@ func TestMicroVMRuntime(t *testing.T) {
 		t.Helper()
 		r, err := conformance.Exec(ctx, rt, id, script)
 		if err != nil || r.ExitCode != 0 {
+			for _, f := range []string{"vmm.log", "serial.log"} {
+				b, _ := os.ReadFile(filepath.Join(rt.Dir(), "sandboxes", id, f))
+				t.Logf("%s %s:\n%s", id, f, b)
+			}
 			t.Fatalf("%s: %q: %+v %v", id, script, r, err)
 		}
 		return r.Stdout

@@ -600,11 +600,16 @@ func (r *Runtime) DeleteSnapshot(ctx context.Context, id string) error {
 	return os.RemoveAll(d)
 }
 
-// Destroy implements runtime.Runtime.
+// Destroy implements runtime.Runtime. It is idempotent: an unknown (or
+// already destroyed) sandbox is not an error.
 func (r *Runtime) Destroy(ctx context.Context, id string) error {
+	if err := checkID("sandbox", id); err != nil {
+		return err
+	}
 	sb, err := r.get(id)
 	if err != nil {
-		return err
+		os.RemoveAll(r.sbDir(id))
+		return nil
 	}
 	sb.mu.Lock()
 	defer sb.mu.Unlock()

@@ -94,11 +94,7 @@ func TakeDiff(v *vm.VM, fromDir string, base *State, dir string, o Options) (*Di
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if o.Resume {
-			resume()
-		}
-	}()
+	defer func() { resume(o.Resume) }()
 	s, err := Capture(v)
 	if err != nil {
 		return nil, err

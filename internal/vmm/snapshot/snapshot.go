@@ -236,6 +236,15 @@ func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 			return err
 		}
 	}
+	if err := c.SetSregs(s.Sregs); err != nil {
+		return err
+	}
+	if err := c.SetRegs(s.Regs); err != nil {
+		return err
+	}
+	// MSRs after the special registers: KVM checks canonical addresses
+	// (KERNEL_GS_BASE, LSTAR, ...) against the vCPU's CR4, and a guest
+	// with 5-level paging (LA57) has addresses 4-level paging rejects.
 	// MSR_IA32_TSC_DEADLINE is ignored unless the LAPIC timer is in
 	// TSC-deadline mode: set it after the LAPIC, or a restored guest's
 	// pending timer never fires (and an idle guest never wakes).
@@ -249,12 +258,6 @@ func applyVCPU(c *kvm.VCPU, s *VCPUState) error {
 	}
 	if err := c.SetMSRs(msrs); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.ID, err)
-	}
-	if err := c.SetSregs(s.Sregs); err != nil {
-		return err
-	}
-	if err := c.SetRegs(s.Regs); err != nil {
-		return err
 	}
 	if err := c.SetXSave(s.XSave); err != nil {
 		return err
@@ -295,11 +298,7 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if o.Resume {
-			resume()
-		}
-	}()
+	defer func() { resume(o.Resume) }()
 	s, err := Capture(v)
 	if err != nil {
 		return nil, err
@@ -319,7 +318,7 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 }
 
 // quiesce pauses the vCPUs and devices; the returned func undoes it.
-func quiesce(v *vm.VM) (func(), error) {
+func quiesce(v *vm.VM) (func(vcpus bool), error) {
 	wasRunning := v.State() == vm.StateRunning
 	if wasRunning {
 		if err := v.Pause(); err != nil {
@@ -333,11 +332,14 @@ func quiesce(v *vm.VM) (func(), error) {
 			qs = append(qs, q)
 		}
 	}
-	return func() {
+	// Devices always go back to work once the snapshot is written (a
+	// paused VM may be resumed later with a plain VM resume); the vCPUs
+	// only when asked.
+	return func(vcpus bool) {
 		for _, q := range qs {
 			q.Resume()
 		}
-		if wasRunning {
+		if wasRunning && vcpus {
 			_ = v.Resume()
 		}
 	}, nil

@@ -287,7 +287,7 @@ func TestPauseSnapshot(t *testing.T) {
 	if st.U64(m.VM, st.Counter) != c1 || m.VM.State().String() != "paused" {
 		t.Fatalf("vm kept running after a pause snapshot (state %s)", m.VM.State())
 	}
-	m.VM.Close()
+	defer m.VM.Close()
 	c, _, err := snapshot.Restore(dir, st.Spec())
 	if err != nil {
 		t.Fatal(err)
@@ -301,5 +301,14 @@ func TestPauseSnapshot(t *testing.T) {
 	}
 	if !st.WaitFor(5*time.Second, func() bool { return st.U64(c.VM, st.Counter) > c1 }) {
 		t.Fatal("restored vm did not run")
+	}
+	// The paused original resumed with a plain VM resume: its device
+	// must work again (the snapshot quiesced it).
+	if err := m.VM.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	st.Put64(m.VM, st.Go, 1)
+	if !st.WaitFor(5*time.Second, func() bool { return st.U64(m.VM, st.Phase) == 2 }) {
+		t.Fatalf("resumed original: in-flight request never completed (used %d): device left quiesced", st.UsedIdx(m.VM))
 	}
 }

@@ -77,11 +77,32 @@ func Serve(cfg ServeConfig) error {
 		serial = f
 	}
 	build := func(o vmmapi.Options, netns string, noKernel bool) (machine.Spec, func(), error) {
+		out := serial
+		var sf *os.File
+		if noKernel && o.SerialLog != "" {
+			f, err := os.OpenFile(o.SerialLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+			if err != nil {
+				return machine.Spec{}, nil, err
+			}
+			sf, out = f, f
+		}
 		tap, err := openTap(o, netns)
 		if err != nil {
+			if sf != nil {
+				sf.Close()
+			}
 			return machine.Spec{}, nil, err
 		}
-		s, cleanup, err := Build(o, Extra{Tap: tap, Serial: serial, Log: log, NoKernel: noKernel})
+		s, cleanup, err := Build(o, Extra{Tap: tap, Serial: out, Log: log, NoKernel: noKernel})
+		if sf != nil {
+			inner := cleanup
+			cleanup = func() {
+				if inner != nil {
+					inner()
+				}
+				sf.Close()
+			}
+		}
 		if err != nil && tap != nil {
 			tap.Close()
 		}

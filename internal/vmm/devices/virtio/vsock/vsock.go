@@ -30,6 +30,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"os"
 	"slices"
@@ -195,8 +196,12 @@ func New(cfg Config) (*Device, error) {
 	if cfg.GuestCID < 3 || cfg.GuestCID > 0xffffffff {
 		return nil, fmt.Errorf("vsock: bad guest CID %d", cfg.GuestCID)
 	}
+	// Host ports start at a random point: clones restored from one
+	// snapshot must not reuse the ports the parent's guest may still
+	// hold (lingering sockets refuse a new connection with the same
+	// tuple).
 	d := &Device{cfg: cfg, log: cfg.Log, kick: make(chan struct{}, 1), conns: map[key]*conn{},
-		nextPort: firstHostPort, handshake: map[*net.UnixConn]bool{}}
+		nextPort: firstHostPort + rand.Uint32N(1<<29), handshake: map[*net.UnixConn]bool{}}
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
