@@ -11,6 +11,9 @@
 //   - Pause keeps the slot (and its policy); Resume restores the sandbox in
 //     the same slot (PrepareGuest first: runsc keeps eth0's address when it
 //     exits). The NetSlot argument of Resume is ignored.
+//   - With Options.InnerSlots the runtime acquires slots itself (gVisor's
+//     warm pool in slots): the wrapper applies the policy to the slot
+//     Create returns and to the new slot after each Resume.
 //   - Destroy destroys the sandbox, then releases the slot.
 //   - Dial goes through Manager.Dial (a socket in the slot's router
 //     namespace); nothing listens on the host for a sandbox port.
@@ -40,12 +43,27 @@ import (
 	"github.com/cubesandbox/cube/internal/runtime"
 )
 
+// Options configure Wrap.
+type Options struct {
+	// StateDir keeps the sandbox -> slot mapping and policies
+	// (<dataDir>/netslot).
+	StateDir string
+	Logger   *slog.Logger
+	// InnerSlots says that the inner runtime acquires and releases slots
+	// from the same manager itself (gvisor.Options.Slots: its warm pool
+	// pre-restores sandboxes in slots). The wrapper then only applies and
+	// keeps policies: on the slot Create returns, again on the new slot
+	// after each Resume, and at re-adoption.
+	InnerSlots bool
+}
+
 // Runtime is a runtime.Runtime whose sandboxes run in network slots.
 type Runtime struct {
 	runtime.Runtime // the inner runtime: methods not overridden pass through
 	mgr             *network.Manager
 	dir             string
 	log             *slog.Logger
+	innerSlots      bool
 
 	mu    sync.Mutex
 	boxes map[string]*box
@@ -71,14 +89,17 @@ type record struct {
 // idRE bounds the ids used as file names (runtimes enforce their own rules).
 var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
 
-// Wrap returns inner with network slots from mgr. stateDir keeps the
-// sandbox -> slot mapping and policies (e.g. <data>/netslot). It re-adopts
+// Wrap returns inner with network slots from mgr. It re-adopts
 // the slots of inner's surviving sandboxes (inner.List) and then reaps
 // every other slot a previous run left behind; sandboxes whose slot is gone
 // keep running but are unreachable (their Dial reports NotFound) until
 // destroyed. The gvisor runtime needs a manager in netns mode, microvm one
 // in tap mode.
-func Wrap(ctx context.Context, inner runtime.Runtime, mgr *network.Manager, stateDir string, log *slog.Logger) (*Runtime, error) {
+func Wrap(ctx context.Context, inner runtime.Runtime, mgr *network.Manager, o Options) (*Runtime, error) {
+	log, stateDir := o.Logger, o.StateDir
+	if stateDir == "" {
+		return nil, errs.E(errs.InvalidArgument, "netslot: no state dir")
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -93,7 +114,8 @@ func Wrap(ctx context.Context, inner runtime.Runtime, mgr *network.Manager, stat
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "netslot: state dir")
 	}
-	r := &Runtime{Runtime: inner, mgr: mgr, dir: stateDir, log: log.With("component", "netslot"), boxes: map[string]*box{}}
+	r := &Runtime{Runtime: inner, mgr: mgr, dir: stateDir, log: log.With("component", "netslot"), boxes: map[string]*box{},
+		innerSlots: o.InnerSlots}
 	if err := r.adopt(ctx); err != nil {
 		return nil, err
 	}
@@ -129,12 +151,17 @@ func (r *Runtime) adopt(ctx context.Context) error {
 			os.Remove(p)
 			continue
 		}
-		if info.Net.ID != "" {
+		if info.Net.ID != "" || r.innerSlots {
 			rec.Slot = info.Net // the runtime's own view wins
 		}
 		rec.Paused = info.State == runtime.StatePaused
+		if rec.Slot.ID == "" && r.innerSlots && rec.Paused {
+			r.boxes[rec.ID] = &box{rec: rec} // no slot while paused
+			continue
+		}
 		if err := r.mgr.Adopt(ctx, rec.Slot, rec.Policy); err != nil {
 			r.log.Warn("sandbox survived the restart, its network slot did not", "sandbox", rec.ID, "slot", rec.Slot.ID, "err", err)
+			os.Remove(p) // calls for it pass through to the runtime
 			continue
 		}
 		r.boxes[rec.ID] = &box{rec: rec}
@@ -233,6 +260,9 @@ func (r *Runtime) CreateWithPolicy(ctx context.Context, spec runtime.CreateSpec,
 		r.mu.Unlock()
 		return runtime.Info{}, err
 	}
+	if r.innerSlots {
+		return r.createInner(ctx, b, spec, p, fail)
+	}
 	var err error
 	if slot, err = r.mgr.Acquire(ctx); err != nil {
 		return fail(err)
@@ -254,6 +284,33 @@ func (r *Runtime) CreateWithPolicy(ctx context.Context, spec runtime.CreateSpec,
 	return info, nil
 }
 
+// createInner is Create when the inner runtime acquires the slot.
+func (r *Runtime) createInner(ctx context.Context, b *box, spec runtime.CreateSpec, p network.Policy, fail func(error) (runtime.Info, error)) (runtime.Info, error) {
+	b.rec = record{ID: spec.ID, Policy: p}
+	if err := r.save(b.rec); err != nil {
+		return fail(err)
+	}
+	info, err := r.Runtime.Create(ctx, spec)
+	if err != nil {
+		return fail(err)
+	}
+	if info.Net.ID == "" {
+		err = errs.E(errs.FailedPrecondition, "netslot: the %s runtime gave sandbox %s no network slot (InnerSlots without a slot provider?)", r.Runtime.Name(), spec.ID)
+	} else {
+		err = r.mgr.SetPolicy(info.Net.ID, p)
+	}
+	if err != nil {
+		r.Runtime.Destroy(context.WithoutCancel(ctx), spec.ID)
+		return fail(err)
+	}
+	b.rec.Slot = info.Net
+	if err := r.save(b.rec); err != nil {
+		r.Runtime.Destroy(context.WithoutCancel(ctx), spec.ID)
+		return fail(err)
+	}
+	return info, nil
+}
+
 // SetPolicy changes sandbox id's egress policy; live connections follow at
 // their next packet. InvalidArgument (nothing changed) for a bad policy.
 func (r *Runtime) SetPolicy(id string, p network.Policy) error {
@@ -265,8 +322,10 @@ func (r *Runtime) SetPolicy(id string, p network.Policy) error {
 		return err
 	}
 	defer b.mu.Unlock()
-	if err := r.mgr.SetPolicy(b.rec.Slot.ID, p); err != nil {
-		return err
+	if b.rec.Slot.ID != "" { // none: paused with InnerSlots, applied at Resume
+		if err := r.mgr.SetPolicy(b.rec.Slot.ID, p); err != nil {
+			return err
+		}
 	}
 	b.rec.Policy = p
 	return r.save(b.rec)
@@ -302,6 +361,9 @@ func (r *Runtime) Pause(ctx context.Context, id string) error {
 	if err := r.Runtime.Pause(ctx, id); err != nil {
 		return err
 	}
+	if r.innerSlots {
+		b.rec.Slot = runtime.NetSlot{} // released by the runtime
+	}
 	b.rec.Paused = true
 	return r.save(b.rec)
 }
@@ -314,6 +376,9 @@ func (r *Runtime) Resume(ctx context.Context, id string, net runtime.NetSlot) (r
 		return r.Runtime.Resume(ctx, id, net)
 	}
 	defer b.mu.Unlock()
+	if r.innerSlots {
+		return r.resumeInner(ctx, b)
+	}
 	if b.rec.Paused {
 		// runsc left the guest side without its address when it exited.
 		if err := r.mgr.PrepareGuest(b.rec.Slot.ID); err != nil {
@@ -325,6 +390,30 @@ func (r *Runtime) Resume(ctx context.Context, id string, net runtime.NetSlot) (r
 		return info, err
 	}
 	b.rec.Paused = false
+	return info, r.save(b.rec)
+}
+
+// resumeInner is Resume when the runtime acquires a (new) slot: the policy
+// follows the sandbox to it. If it cannot be applied, the sandbox is paused
+// again rather than left running without its policy.
+func (r *Runtime) resumeInner(ctx context.Context, b *box) (runtime.Info, error) {
+	info, err := r.Runtime.Resume(ctx, b.rec.ID, runtime.NetSlot{})
+	if err != nil {
+		return info, err
+	}
+	if info.Net.ID == "" {
+		err = errs.E(errs.FailedPrecondition, "netslot: the %s runtime resumed sandbox %s without a network slot", r.Runtime.Name(), b.rec.ID)
+	} else {
+		err = r.mgr.SetPolicy(info.Net.ID, b.rec.Policy)
+	}
+	if err != nil {
+		if perr := r.Runtime.Pause(context.WithoutCancel(ctx), b.rec.ID); perr != nil {
+			r.log.Error("sandbox resumed without its network policy and could not be paused again", "sandbox", b.rec.ID, "err", perr)
+			r.Runtime.Destroy(context.WithoutCancel(ctx), b.rec.ID)
+		}
+		return runtime.Info{}, err
+	}
+	b.rec.Slot, b.rec.Paused = info.Net, false
 	return info, r.save(b.rec)
 }
 
@@ -342,7 +431,9 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	r.mu.Lock()
 	delete(r.boxes, id)
 	r.mu.Unlock()
-	if err := r.mgr.Release(context.WithoutCancel(ctx), b.rec.Slot.ID); err != nil && !errs.Is(err, errs.NotFound) {
+	if r.innerSlots || b.rec.Slot.ID == "" {
+		// released by the runtime
+	} else if err := r.mgr.Release(context.WithoutCancel(ctx), b.rec.Slot.ID); err != nil && !errs.Is(err, errs.NotFound) {
 		r.log.Warn("release slot", "sandbox", id, "slot", b.rec.Slot.ID, "err", err)
 	}
 	os.Remove(r.path(id))

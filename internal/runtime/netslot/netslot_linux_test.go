@@ -43,7 +43,9 @@ var (
 	// Two /24s of 10.214/16 per test process, chosen by pid.
 	nsRange  = netip.MustParsePrefix(fmt.Sprintf("10.214.%d.0/24", 2*(pid%120)))
 	tapRange = netip.MustParsePrefix(fmt.Sprintf("10.214.%d.0/24", 2*(pid%120)+1))
-	testLog  = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	// and one of 10.214.240-255.0/24 for the pooled environment.
+	poolRange = netip.MustParsePrefix(fmt.Sprintf("10.214.%d.0/24", 240+pid%16))
+	testLog   = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 )
 
 func TestMain(m *testing.M) {
@@ -203,8 +205,13 @@ func newManager(t testing.TB, pfx string, r netip.Prefix, mode network.Mode) *ne
 	return m
 }
 
-// gvEnv is a gVisor runtime with a baked base template in slots.
+// gvEnv is a gVisor runtime with a baked base template in slots. pooled:
+// the runtime acquires slots itself (gvisor.Options.Slots, warm pool of
+// one) and the wrapper runs with InnerSlots.
 type gvEnv struct {
+	pooled  bool
+	pfx     string
+	rng     netip.Prefix
 	dataDir string
 	runsc   string
 	tid     string
@@ -213,7 +220,7 @@ type gvEnv struct {
 	rt      *Runtime
 }
 
-var shared *gvEnv
+var shared = map[bool]*gvEnv{}
 
 func cacheDir() string {
 	if d := os.Getenv("CUBE_CACHE_DIR"); d != "" {
@@ -222,12 +229,18 @@ func cacheDir() string {
 	return "/var/cache/cube"
 }
 
-// gvisorEnv returns the shared environment, built on first use; skips
-// without runsc or the base rootfs.
-func gvisorEnv(t testing.TB) *gvEnv {
+// gvisorEnv returns the shared environment with slots acquired by the
+// wrapper, built on first use; skips without runsc or the base rootfs.
+func gvisorEnv(t testing.TB) *gvEnv { return envFor(t, false) }
+
+// pooledEnv returns the shared environment with slots acquired by the
+// gVisor runtime (warm pool in slots).
+func pooledEnv(t testing.TB) *gvEnv { return envFor(t, true) }
+
+func envFor(t testing.TB, pooled bool) *gvEnv {
 	t.Helper()
-	if shared != nil {
-		return shared
+	if e := shared[pooled]; e != nil {
+		return e
 	}
 	runsc := os.Getenv("CUBE_RUNSC")
 	if runsc == "" {
@@ -244,10 +257,11 @@ func gvisorEnv(t testing.TB) *gvEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &gvEnv{dataDir: dir, runsc: runsc}
-	if e.inner, err = gvisor.New(context.Background(), gvisor.Options{DataDir: dir, RunscPath: runsc}); err != nil {
-		t.Fatal(err)
+	e := &gvEnv{pooled: pooled, pfx: prefix, rng: nsRange, dataDir: dir, runsc: runsc}
+	if pooled {
+		e.pfx, e.rng = prefix+"p", poolRange
 	}
+	e.open(t)
 	cat, err := template.NewFileCatalog(filepath.Join(dir, "catalog"))
 	if err != nil {
 		t.Fatal(err)
@@ -259,40 +273,59 @@ func gvisorEnv(t testing.TB) *gvEnv {
 		t.Fatalf("build base template: %v", err)
 	}
 	e.tid = rec.ID
-	e.mgr = newManager(t, prefix, nsRange, network.ModeNetns)
-	if e.rt, err = Wrap(context.Background(), e.inner, e.mgr, filepath.Join(dir, "netslot"), testLog); err != nil {
-		t.Fatal(err)
-	}
-	shared = e
+	shared[pooled] = e
 	return e
 }
 
+// open builds the manager, the runtime and the wrapper on e's state (what
+// cube server does at start).
+func (e *gvEnv) open(t testing.TB) {
+	t.Helper()
+	ctx := context.Background()
+	e.mgr = newManager(t, e.pfx, e.rng, network.ModeNetns)
+	o := gvisor.Options{DataDir: e.dataDir, RunscPath: e.runsc}
+	if e.pooled {
+		o.Slots, o.PoolSize = e.mgr, 1
+	}
+	var err error
+	if e.inner, err = gvisor.New(ctx, o); err != nil {
+		t.Fatal(err)
+	}
+	if e.rt, err = Wrap(ctx, e.inner, e.mgr, Options{StateDir: filepath.Join(e.dataDir, "netslot"), Logger: testLog, InnerSlots: e.pooled}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func (e *gvEnv) close() {
-	e.inner.Close()
 	e.mgr.Purge()
-	e.mgr.Close()
 	os.RemoveAll(e.dataDir)
 }
 
 // cleanupShared destroys the shared environment and reports leaks.
 func cleanupShared() []string {
-	if shared == nil {
-		return nil
-	}
 	var bad []string
 	ctx := context.Background()
-	list, _ := shared.rt.List(ctx)
-	for _, i := range list {
-		bad = append(bad, "sandbox "+i.ID)
-		shared.rt.Destroy(ctx, i.ID)
+	for k, e := range shared {
+		list, _ := e.rt.List(ctx)
+		for _, i := range list {
+			bad = append(bad, "sandbox "+i.ID)
+			e.rt.Destroy(ctx, i.ID)
+		}
+		e.inner.Close() // its warm pool goes, with the pool's slots
+		bad = append(bad, e.inner.Leaks()...)
+		if st := e.mgr.Stats(); st.Active != 0 {
+			bad = append(bad, fmt.Sprintf("%s: %d active slots", e.pfx, st.Active))
+		}
+		e.close()
+		delete(shared, k)
 	}
-	bad = append(bad, shared.inner.Leaks()...)
-	if st := shared.mgr.Stats(); st.Active != 0 {
-		bad = append(bad, fmt.Sprintf("%d active slots", st.Active))
-	}
-	shared.close()
-	shared = nil
 	return bad
+}
+
+// bothModes runs f with slots acquired by the wrapper and by the runtime.
+func bothModes(t *testing.T, f func(t *testing.T, e *gvEnv)) {
+	t.Run("wrapper-slots", func(t *testing.T) { f(t, gvisorEnv(t)) })
+	t.Run("runtime-slots", func(t *testing.T) { f(t, pooledEnv(t)) })
 }
 
 func released(m *network.Manager, slotID string) bool {
@@ -302,8 +335,9 @@ func released(m *network.Manager, slotID string) bool {
 
 // TestConformanceInSlots runs the runtime conformance suite on gVisor
 // through the wrapper: every sandbox in a network slot.
-func TestConformanceInSlots(t *testing.T) {
-	e := gvisorEnv(t)
+func TestConformanceInSlots(t *testing.T) { bothModes(t, testConformance) }
+
+func testConformance(t *testing.T, e *gvEnv) {
 	type fp struct {
 		res  gvisor.Resources
 		slot string
@@ -331,7 +365,7 @@ func TestConformanceInSlots(t *testing.T) {
 			if _, err := os.Stat(f.res.Dir); err == nil {
 				l = append(l, f.res.Dir)
 			}
-			if !released(e.mgr, f.slot) {
+			if !e.pooled && !released(e.mgr, f.slot) { // (pooled: the warm pool may take it again at once)
 				l = append(l, "network slot "+f.slot)
 			}
 			return l
@@ -377,8 +411,9 @@ func httpVia(rt runtime.Runtime, id string, port int, path string) (string, erro
 // TestSandboxNetwork: egress through NAT, a live policy flip, a web server
 // reachable through Dial and nothing else, pause/resume in the same slot,
 // destroy returning the slot.
-func TestSandboxNetwork(t *testing.T) {
-	e := gvisorEnv(t)
+func TestSandboxNetwork(t *testing.T) { bothModes(t, testSandboxNetwork) }
+
+func testSandboxNetwork(t *testing.T, e *gvEnv) {
 	ctx := context.Background()
 	id := "net-" + strconv.Itoa(pid)
 	if _, err := e.rt.CreateWithPolicy(ctx, runtime.CreateSpec{ID: "bad", TemplateID: e.tid},
@@ -455,7 +490,7 @@ func TestSandboxNetwork(t *testing.T) {
 	if err := e.rt.Pause(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if released(e.mgr, slot.ID) {
+	if !e.pooled && released(e.mgr, slot.ID) {
 		t.Fatal("pause released the slot")
 	}
 	if _, err := e.rt.Dial(ctx, id, port); !errs.Is(err, errs.Conflict) {
@@ -469,7 +504,7 @@ func TestSandboxNetwork(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Net.ID != slot.ID {
+	if !e.pooled && info.Net.ID != slot.ID {
 		t.Fatalf("resumed in slot %q, want %q", info.Net.ID, slot.ID)
 	}
 	if body, err := httpVia(e.rt, id, port, "/index.html"); body != want {
@@ -489,7 +524,7 @@ func TestSandboxNetwork(t *testing.T) {
 	if err := e.rt.Destroy(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if !released(e.mgr, slot.ID) {
+	if !e.pooled && !released(e.mgr, slot.ID) {
 		t.Fatal("destroy did not release the slot")
 	}
 	if _, err := e.rt.Dial(ctx, id, port); !errs.Is(err, errs.NotFound) {
@@ -503,8 +538,9 @@ func TestSandboxNetwork(t *testing.T) {
 // TestRestartReadoption: a sandbox survives a restart of cube (runtime,
 // manager and wrapper rebuilt on the same state) with its slot and policy;
 // a slot nobody owns is reaped.
-func TestRestartReadoption(t *testing.T) {
-	e := gvisorEnv(t)
+func TestRestartReadoption(t *testing.T) { bothModes(t, testRestartReadoption) }
+
+func testRestartReadoption(t *testing.T, e *gvEnv) {
 	ctx := context.Background()
 	id := "restart-" + strconv.Itoa(pid)
 	if _, err := e.rt.CreateWithPolicy(ctx, runtime.CreateSpec{ID: id, TemplateID: e.tid},
@@ -521,13 +557,7 @@ func TestRestartReadoption(t *testing.T) {
 	if err := e.rt.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if e.inner, err = gvisor.New(ctx, gvisor.Options{DataDir: e.dataDir, RunscPath: e.runsc}); err != nil {
-		t.Fatal(err)
-	}
-	e.mgr = newManager(t, prefix, nsRange, network.ModeNetns)
-	if e.rt, err = Wrap(ctx, e.inner, e.mgr, filepath.Join(e.dataDir, "netslot"), testLog); err != nil {
-		t.Fatal(err)
-	}
+	e.open(t)
 	defer e.rt.Destroy(ctx, id)
 	if s, err := e.rt.Slot(id); err != nil || s.ID != slot.ID {
 		t.Fatalf("slot after restart: %+v %v, want %s", s, err, slot.ID)
@@ -550,7 +580,7 @@ func TestRestartReadoption(t *testing.T) {
 	if err := e.rt.Destroy(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if !released(e.mgr, slot.ID) {
+	if !e.pooled && !released(e.mgr, slot.ID) {
 		t.Fatal("destroy after restart did not release the slot")
 	}
 }

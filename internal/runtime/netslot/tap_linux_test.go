@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sync"
 	"testing"
 	"time"
@@ -86,7 +87,7 @@ func TestTapSlot(t *testing.T) {
 	defer func() { mgr.Purge(); mgr.Close() }()
 	dir := t.TempDir()
 	vmm := &tapVMM{boxes: map[string]*tapBox{}}
-	rt, err := Wrap(ctx, vmm, mgr, dir, testLog)
+	rt, err := Wrap(ctx, vmm, mgr, Options{StateDir: dir, Logger: testLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +140,7 @@ func TestTapSlot(t *testing.T) {
 	mgr.Close()
 	vmm.Destroy(ctx, "b")
 	mgr = newManager(t, pfx, tapRange, network.ModeTap)
-	rt, err = Wrap(ctx, vmm, mgr, dir, testLog)
+	rt, err = Wrap(ctx, vmm, mgr, Options{StateDir: dir, Logger: testLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +170,7 @@ func TestTapSlot(t *testing.T) {
 	}
 
 	// A gVisor runtime cannot use tap slots.
-	if _, err := Wrap(ctx, gvisorName{}, mgr, dir, testLog); !errs.Is(err, errs.FailedPrecondition) {
+	if _, err := Wrap(ctx, gvisorName{}, mgr, Options{StateDir: dir, Logger: testLog}); !errs.Is(err, errs.FailedPrecondition) {
 		t.Fatalf("gvisor on tap slots: %v, want FailedPrecondition", err)
 	}
 }
@@ -212,4 +213,65 @@ func sawSYN(t *testing.T, tap *os.File, addr netip.Addr, port int) bool {
 		}
 	}
 	return false
+}
+
+// FuzzCreateWithPolicy: what a client sends at create (sandbox id, policy
+// lists, internet flag). Bad input is InvalidArgument and leaves nothing
+// (no slot, no record, no sandbox); good input creates a sandbox whose
+// slot carries exactly that policy.
+func FuzzCreateWithPolicy(f *testing.F) {
+	f.Add("sb-1", "10.0.0.0/8", "1.2.3.4", true)
+	f.Add("../x", "", "", false)
+	f.Add("ok", "*.example.com", "0.0.0.0/0", false)
+	f.Add("ok", "10.0.0.0/33", "", true)
+	f.Add("ok", "", "not-an-ip", true)
+	f.Add("", "1.1.1.1", "", true)
+	ctx := context.Background()
+	mgr := newManager(f, prefix+"t", tapRange, network.ModeTap)
+	f.Cleanup(func() { mgr.Purge() })
+	dir := f.TempDir()
+	vmm := &tapVMM{boxes: map[string]*tapBox{}}
+	rt, err := Wrap(ctx, vmm, mgr, Options{StateDir: dir, Logger: testLog})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, id, allow, deny string, internet bool) {
+		p := network.Policy{AllowInternetAccess: network.Bool(internet)}
+		if allow != "" {
+			p.AllowOut = []string{allow}
+		}
+		if deny != "" {
+			p.DenyOut = []string{deny}
+		}
+		_, err := rt.CreateWithPolicy(ctx, runtime.CreateSpec{ID: id}, p)
+		if err != nil {
+			if !errs.Is(err, errs.InvalidArgument) {
+				t.Fatalf("create %q %+v: %v (want InvalidArgument or success)", id, p, err)
+			}
+			if st := mgr.Stats(); st.Active != 0 {
+				t.Fatalf("rejected create left %d active slots", st.Active)
+			}
+			if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+				t.Fatalf("rejected create left records: %v", ents)
+			}
+			if l, _ := vmm.List(ctx); len(l) != 0 {
+				t.Fatalf("rejected create reached the runtime: %v", l)
+			}
+			return
+		}
+		s, err := rt.Slot(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := mgr.Policy(s.ID)
+		if err != nil || !reflect.DeepEqual(got, p) {
+			t.Fatalf("slot policy %+v %v, want %+v", got, err, p)
+		}
+		if err := rt.Destroy(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		if st := mgr.Stats(); st.Active != 0 {
+			t.Fatalf("destroy left %d active slots", st.Active)
+		}
+	})
 }
