@@ -13,7 +13,7 @@ GO        ?= go
 CACHE     ?= /var/cache/cube
 DATA_DIR  ?= /var/lib/cube
 BIN       := $(CURDIR)/bin
-GOTESTFLAGS ?= -p 2 -timeout 25m
+GOTESTFLAGS ?= -p 2 -count=1 -timeout 25m
 export CUBE_CACHE_DIR := $(CACHE)
 export PATH := $(CACHE)/bin:$(PATH)
 

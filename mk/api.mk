@@ -10,9 +10,7 @@ API_NPM_PKGS := e2b@2.51.0 @e2b/code-interpreter@2.8.0 e2b-245@npm:e2b@2.45.0
 API_NPM_KEY  := $(shell echo '$(API_NPM_PKGS)' | sha256sum | cut -c1-12)
 API_NPM_DIR  := $(CACHE)/npm/api-$(API_NPM_KEY)
 
-# Enable once main has the tpl branch's code-interpreter recipe and the agent's
-# code interpreter (it passes 8/8 here with both merged):
-# TEST_TARGETS += test-api-e2e
+TEST_TARGETS += test-api-e2e
 
 .PHONY: api-npm test-api-e2e bench-api
 

@@ -17,7 +17,6 @@ import (
 	"github.com/cubesandbox/cube/internal/config"
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/hostinfo"
-	"github.com/cubesandbox/cube/internal/node"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/server"
 	"github.com/cubesandbox/cube/internal/store"
@@ -26,10 +25,6 @@ import (
 // runtimeFactories are the runtimes built into this binary, by name
 // ("gvisor", "microvm"); each registers itself from its own file.
 var runtimeFactories = map[string]func(ctx context.Context, c config.Config, log *slog.Logger) (runtime.Runtime, error){}
-
-// slotProviders give sandboxes network slots (registered by the network
-// wiring); the first that applies is used.
-var slotProviders []func(ctx context.Context, c config.Config, log *slog.Logger) (node.Slots, func(), error)
 
 // templateEnsurers prepare the built-in templates on start (registered by
 // the template wiring) and record them in the store.
@@ -115,7 +110,7 @@ func init() {
 		f.StringVar(&dbURL, "database-url", "", "store: empty = SQLite in the data dir, or postgres://...")
 		f.StringVar(&rtName, "runtime", "auto", "sandbox runtime: auto, gvisor or microvm")
 		f.IntVar(&maxSandboxes, "max-sandboxes", 64, "sandboxes this node runs at once (paused ones excluded)")
-		f.BoolVar(&useNetSlots, "network-slots", false, "give each sandbox a network slot (internal/network) with its egress policy; off: a loopback-only namespace per sandbox and the policy is only stored")
+		f.BoolVar(&useNetSlots, "network-slots", true, "give each sandbox a network slot (internal/network): NAT egress and its egress policy; --network-slots=false: a loopback-only namespace per sandbox and the policy is only stored")
 		return c
 	})
 }
@@ -133,19 +128,7 @@ func runServer(cmd *cobra.Command, cfg config.Config) error {
 	}
 	defer rt.Close()
 	log.Info("runtime", "name", rt.Name())
-	var slots node.Slots
-	if useNetSlots {
-		for _, p := range slotProviders {
-			sl, closeSlots, err := p(ctx, cfg, log)
-			if err != nil {
-				return err
-			}
-			defer closeSlots()
-			slots = sl
-			break
-		}
-	}
-	s, err := server.New(ctx, cfg, rt, slots, log)
+	s, err := server.New(ctx, cfg, rt, log)
 	if err != nil {
 		return err
 	}

@@ -14,48 +14,48 @@ import (
 	"github.com/cubesandbox/cube/internal/config"
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/network"
-	"github.com/cubesandbox/cube/internal/node"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/gvisor"
+	"github.com/cubesandbox/cube/internal/runtime/netslot"
 	"github.com/cubesandbox/cube/internal/server"
 	"github.com/cubesandbox/cube/internal/store"
 	"github.com/cubesandbox/cube/internal/template"
 )
 
 // The gVisor runtime and the built-in templates, wired into `cube server`.
+// With --network-slots every sandbox runs in a network slot with its
+// egress policy: gVisor's warm pool pre-restores sandboxes in slots of an
+// internal/network Manager and netslot.Wrap keeps the policies.
 func init() {
 	runtimeFactories["gvisor"] = func(ctx context.Context, c config.Config, log *slog.Logger) (runtime.Runtime, error) {
 		runsc, err := serverRunsc(c)
 		if err != nil {
 			return nil, err
 		}
-		return gvisor.New(ctx, gvisor.Options{DataDir: c.DataDir, RunscPath: runsc, PoolSize: c.WarmPoolSize, Logger: log})
-	}
-	templateEnsurers = append(templateEnsurers, ensureBuiltinTemplates)
-	slotProviders = append(slotProviders, func(ctx context.Context, c config.Config, log *slog.Logger) (node.Slots, func(), error) {
+		opts := gvisor.Options{DataDir: c.DataDir, RunscPath: runsc, PoolSize: c.WarmPoolSize, Logger: log}
+		if !useNetSlots {
+			return gvisor.New(ctx, opts)
+		}
 		m, err := network.NewManager(c, log.With("component", "network"))
 		if err != nil {
-			return nil, nil, errs.Wrap(errs.KindOf(err), err, "network slots (run without --network-slots to do without)")
+			return nil, errs.Wrap(errs.KindOf(err), err, "network slots (run with --network-slots=false to do without)")
 		}
-		return netSlots{m}, func() { m.Close() }, nil
-	})
+		opts.Slots = m
+		inner, err := gvisor.New(ctx, opts)
+		if err != nil {
+			m.Close()
+			return nil, err
+		}
+		rt, err := netslot.Wrap(ctx, inner, m, netslot.Options{StateDir: filepath.Join(c.DataDir, "netslot"), Logger: log, InnerSlots: true})
+		if err != nil {
+			inner.Close()
+			m.Close()
+			return nil, err
+		}
+		return rt, nil
+	}
+	templateEnsurers = append(templateEnsurers, ensureBuiltinTemplates)
 }
-
-// netSlots adapts network.Manager to node.Slots.
-type netSlots struct{ m *network.Manager }
-
-func policy(allow *bool, nw store.Network) network.Policy {
-	return network.Policy{AllowInternetAccess: allow, AllowOut: nw.AllowOut, DenyOut: nw.DenyOut}
-}
-
-func (s netSlots) Acquire(ctx context.Context) (runtime.NetSlot, error) { return s.m.Acquire(ctx) }
-func (s netSlots) SetPolicy(id string, allow *bool, nw store.Network) error {
-	return s.m.SetPolicy(id, policy(allow, nw))
-}
-func (s netSlots) Adopt(ctx context.Context, ns runtime.NetSlot, allow *bool, nw store.Network) error {
-	return s.m.Adopt(ctx, ns, policy(allow, nw))
-}
-func (s netSlots) Release(ctx context.Context, id string) error { return s.m.Release(ctx, id) }
 
 // serverRunsc finds runsc: config, the Makefile's cache, then PATH.
 func serverRunsc(c config.Config) (string, error) {
@@ -95,7 +95,7 @@ func isFile(p string) bool {
 
 // ensureBuiltinTemplates builds the built-in templates that are missing
 // or stale (cached by recipe hash; a no-op when ready), showing progress
-// on stderr, mirrors the template catalog into the store and keeps it
+// on stderr (one that fails is logged, the server still starts), mirrors the template catalog into the store and keeps it
 // mirrored while the server runs.
 func ensureBuiltinTemplates(ctx context.Context, c config.Config, rt runtime.Runtime, st *store.Store, log *slog.Logger) error {
 	cat, err := template.NewFileCatalog(filepath.Join(c.DataDir, "templates", "catalog"))
@@ -116,7 +116,13 @@ func ensureBuiltinTemplates(ctx context.Context, c config.Config, rt runtime.Run
 		start := time.Now()
 		r, err := b.CreateBuiltin(ctx, name)
 		if err != nil {
-			return errs.Wrap(errs.KindOf(err), err, "prepare built-in template %s", name)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			// Serve the templates that work; this one stays FAILED (with
+			// its reason in GET /templates) until a later start.
+			log.Error("built-in template failed; serving the others", "template", name, "err", err)
+			continue
 		}
 		log.Info("template ready", "template", r.ID, "took", time.Since(start).Round(time.Millisecond))
 	}

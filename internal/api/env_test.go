@@ -47,7 +47,7 @@ func newEnv(t testing.TB, mod ...func(*config.Config)) *env {
 	for _, id := range []string{"base", "code-interpreter"} {
 		rt.BakeTemplate(ctx, runtime.Template{ID: id})
 	}
-	s, err := server.New(ctx, cfg, rt, nil, logging.Discard())
+	s, err := server.New(ctx, cfg, rt, logging.Discard())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +110,7 @@ func (e *env) do(method, path, key string, body any, hdr ...string) resp {
 		}
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
-	c := &http.Client{Timeout: 20 * time.Second}
+	c := &http.Client{Timeout: 10 * time.Second}
 	res, err := c.Do(req)
 	if err != nil {
 		e.t.Fatalf("%s %s: %v", method, path, err)

@@ -202,3 +202,23 @@ func newEnvdLike(id string, port int) http.Handler {
 }
 
 var _ = context.Background
+
+// A connection the proxy made to a sandbox before it was paused is never
+// reused after the resume (a checkpointed process never answers on it).
+func TestProxyNoReuseAcrossPause(t *testing.T) {
+	e := newEnv(t)
+	id := e.create(e.key, `{"templateID":"base"}`).SandboxID
+	for round := 0; round < 3; round++ {
+		for i := 0; i < 2; i++ { // the second request reuses the pooled connection
+			if r := e.do("POST", "/who", "", `{}`, "E2b-Sandbox-Id", id); r.Status != 200 {
+				t.Fatalf("round %d: %d %s", round, r.Status, r.Body)
+			}
+		}
+		if r := e.do("POST", "/sandboxes/"+id+"/pause", e.key, `{}`); r.Status != 204 {
+			t.Fatal(r.Status)
+		}
+		if r := e.do("POST", "/v2/sandboxes/"+id+"/connect", e.key, `{}`); r.Status != 201 {
+			t.Fatal(r.Status)
+		}
+	}
+}

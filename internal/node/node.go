@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/network"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/store"
 )
@@ -47,20 +48,18 @@ type Config struct {
 	ExpiryInterval time.Duration
 	// OpTimeout bounds one runtime operation (create, pause, resume).
 	OpTimeout time.Duration
-	// Slots, if set, gives every running sandbox a network slot with its
-	// egress policy; nil leaves networking to the runtime's default.
-	Slots Slots
 }
 
-// Slots hands out network slots (internal/network's Manager behind an
-// adapter): a running sandbox holds one, with its egress policy; a paused
-// one holds none (Resume may get another).
-type Slots interface {
-	Acquire(ctx context.Context) (runtime.NetSlot, error)
-	SetPolicy(slotID string, allowInternet *bool, nw store.Network) error
-	// Adopt takes back the slot of a sandbox found running after a restart.
-	Adopt(ctx context.Context, slot runtime.NetSlot, allowInternet *bool, nw store.Network) error
-	Release(ctx context.Context, slotID string) error
+// PolicyRuntime is implemented by runtimes that put sandboxes in network
+// slots with an egress policy (internal/runtime/netslot).
+type PolicyRuntime interface {
+	CreateWithPolicy(ctx context.Context, spec runtime.CreateSpec, p network.Policy) (runtime.Info, error)
+	SetPolicy(id string, p network.Policy) error
+}
+
+// Policy is the egress policy of a sandbox record.
+func Policy(allowInternet *bool, nw store.Network) network.Policy {
+	return network.Policy{AllowInternetAccess: allowInternet, AllowOut: nw.AllowOut, DenyOut: nw.DenyOut}
 }
 
 // Node owns the sandboxes of one machine.
@@ -75,7 +74,6 @@ type Node struct {
 	cache  map[string]*store.Sandbox // live sandboxes of this node (guarded by mu)
 	locks  map[string]*sbLock        // guarded by mu
 	active map[string]bool           // ids holding a slot (guarded by mu)
-	netOf  map[string]string         // sandbox id -> network slot id (guarded by mu)
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -104,7 +102,7 @@ func New(cfg Config, rt runtime.Runtime, st *store.Store, log *slog.Logger) *Nod
 		cfg.OpTimeout = 2 * time.Minute
 	}
 	n := &Node{cfg: cfg, rt: rt, st: st, log: log.With("component", "node", "node", cfg.ID), now: time.Now,
-		cache: map[string]*store.Sandbox{}, locks: map[string]*sbLock{}, active: map[string]bool{}, netOf: map[string]string{},
+		cache: map[string]*store.Sandbox{}, locks: map[string]*sbLock{}, active: map[string]bool{},
 		stop: make(chan struct{})}
 	return n
 }
@@ -241,6 +239,9 @@ func (n *Node) transition(ctx context.Context, sb *store.Sandbox, to store.Sandb
 		return errs.E(errs.Conflict, "sandbox %q is %s, cannot become %s", sb.ID, from, to)
 	}
 	sb.State = to
+	if to == store.StateRunning && from != store.StatePausing {
+		sb.Gen++
+	}
 	now := n.now().UTC()
 	switch to {
 	case store.StatePaused:
@@ -326,17 +327,19 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 	opCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
 	defer cancel()
 	labels := map[string]string{"cube.key": req.KeyID, "cube.template": t.ID}
-	ns, err := n.acquireNet(opCtx, sb)
-	if err == nil {
-		_, err = n.rt.Create(opCtx, runtime.CreateSpec{
-			ID: sb.ID, TemplateID: t.ID,
-			Resources: runtime.Resources{CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskMB},
-			Env:       req.EnvVars, AccessToken: req.EnvdToken, Labels: labels, Net: ns,
-		})
+	spec := runtime.CreateSpec{
+		ID: sb.ID, TemplateID: t.ID,
+		Resources: runtime.Resources{CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskMB},
+		Env:       req.EnvVars, AccessToken: req.EnvdToken, Labels: labels,
+	}
+	var err error
+	if pr, ok := n.rt.(PolicyRuntime); ok {
+		_, err = pr.CreateWithPolicy(opCtx, spec, Policy(sb.AllowInternet, sb.Network))
+	} else {
+		_, err = n.rt.Create(opCtx, spec)
 	}
 	if err != nil {
 		n.rt.Destroy(context.WithoutCancel(ctx), sb.ID) // leave nothing behind
-		n.releaseNet(ctx, sb.ID)
 		n.transition(ctx, sb, store.StateFailed, "create: "+errs.Message(err))
 		n.release(sb.ID)
 		n.log.Error("create sandbox", "sandbox", sb.ID, "err", err)
@@ -346,44 +349,10 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 	sb.StartedAt, sb.EndAt = now, now.Add(req.Timeout)
 	if err := n.transition(ctx, sb, store.StateRunning, ""); err != nil {
 		n.rt.Destroy(context.WithoutCancel(ctx), sb.ID)
-		n.releaseNet(ctx, sb.ID)
 		n.release(sb.ID)
 		return nil, err
 	}
 	return sb, nil
-}
-
-// acquireNet takes a network slot for sb with its policy (zero NetSlot
-// without Slots).
-func (n *Node) acquireNet(ctx context.Context, sb *store.Sandbox) (runtime.NetSlot, error) {
-	if n.cfg.Slots == nil {
-		return runtime.NetSlot{}, nil
-	}
-	ns, err := n.cfg.Slots.Acquire(ctx)
-	if err != nil {
-		return runtime.NetSlot{}, errs.Wrap(errs.KindOf(err), err, "no network slot")
-	}
-	if err := n.cfg.Slots.SetPolicy(ns.ID, sb.AllowInternet, sb.Network); err != nil {
-		n.cfg.Slots.Release(context.WithoutCancel(ctx), ns.ID)
-		return runtime.NetSlot{}, err
-	}
-	n.mu.Lock()
-	n.netOf[sb.ID] = ns.ID
-	n.mu.Unlock()
-	return ns, nil
-}
-
-// releaseNet gives back sandbox id's network slot, if it has one.
-func (n *Node) releaseNet(ctx context.Context, id string) {
-	n.mu.Lock()
-	slot, ok := n.netOf[id]
-	delete(n.netOf, id)
-	n.mu.Unlock()
-	if ok && n.cfg.Slots != nil {
-		if err := n.cfg.Slots.Release(context.WithoutCancel(ctx), slot); err != nil {
-			n.log.Warn("release network slot", "sandbox", id, "slot", slot, "err", err)
-		}
-	}
 }
 
 // Kill destroys a sandbox in any live state.
@@ -403,7 +372,6 @@ func (n *Node) Kill(ctx context.Context, id string) error {
 		n.transition(ctx, sb, store.StateFailed, "killed while "+string(sb.State))
 	}
 	err = n.transition(ctx, sb, store.StateKilled, "")
-	n.releaseNet(ctx, id)
 	n.release(id)
 	return err
 }
@@ -432,14 +400,12 @@ func (n *Node) pauseLocked(ctx context.Context, id, why string) error {
 	if err := n.rt.Pause(opCtx, id); err != nil {
 		if errs.Is(err, errs.NotFound) {
 			n.transition(ctx, sb, store.StateFailed, "pause: the runtime lost the sandbox")
-			n.releaseNet(ctx, id)
 			n.release(id)
 			return errs.E(errs.NotFound, "sandbox %q not found", id)
 		}
 		n.transition(ctx, sb, store.StateRunning, "pause failed: "+errs.Message(err))
 		return err
 	}
-	n.releaseNet(ctx, id)
 	if err := n.transition(ctx, sb, store.StatePaused, ""); err != nil {
 		return err
 	}
@@ -475,12 +441,7 @@ func (n *Node) resumeLocked(ctx context.Context, id string, timeout time.Duratio
 	}
 	opCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
 	defer cancel()
-	ns, err := n.acquireNet(opCtx, sb)
-	if err == nil {
-		_, err = n.rt.Resume(opCtx, id, ns)
-	}
-	if err != nil {
-		n.releaseNet(ctx, id)
+	if _, err := n.rt.Resume(opCtx, id, runtime.NetSlot{}); err != nil {
 		n.release(id)
 		if errs.Is(err, errs.NotFound) {
 			n.transition(ctx, sb, store.StateFailed, "resume: the runtime lost the sandbox")
@@ -566,11 +527,8 @@ func (n *Node) SetNetwork(ctx context.Context, id string, allowInternet *bool, n
 	if err != nil {
 		return err
 	}
-	n.mu.Lock()
-	slot, hasSlot := n.netOf[id]
-	n.mu.Unlock()
-	if hasSlot && n.cfg.Slots != nil {
-		if err := n.cfg.Slots.SetPolicy(slot, allowInternet, nw); err != nil {
+	if pr, ok := n.rt.(PolicyRuntime); ok {
+		if err := pr.SetPolicy(id, Policy(allowInternet, nw)); err != nil {
 			return err
 		}
 	}
@@ -692,6 +650,5 @@ func (n *Node) expire(ctx context.Context, id string) {
 		return
 	}
 	n.transition(ctx, sb, store.StateKilled, "timeout")
-	n.releaseNet(ctx, id)
 	n.release(id)
 }

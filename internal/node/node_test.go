@@ -11,6 +11,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/logging"
+	"github.com/cubesandbox/cube/internal/network"
 	"github.com/cubesandbox/cube/internal/node"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/runtimetest"
@@ -343,102 +344,62 @@ func TestTransitions(t *testing.T) {
 
 var _ = errors.New
 
-// fakeSlots records what the node does with network slots.
-type fakeSlots struct {
+// policyRT is the fake runtime plus the netslot wrapper's policy methods.
+type policyRT struct {
+	*runtimetest.Fake
 	mu       sync.Mutex
-	next     int
-	held     map[string]bool
-	policies map[string]string
-	adopted  []string
+	policies map[string]network.Policy
 }
 
-func (f *fakeSlots) Acquire(ctx context.Context) (runtime.NetSlot, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.next++
-	id := fmt.Sprint("slot", f.next)
-	f.held[id] = true
-	return runtime.NetSlot{ID: id, NetnsPath: "/run/netns/" + id}, nil
-}
-
-func (f *fakeSlots) SetPolicy(id string, allow *bool, nw store.Network) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.held[id] {
-		return errs.E(errs.NotFound, "slot %s", id)
+func (p *policyRT) CreateWithPolicy(ctx context.Context, spec runtime.CreateSpec, pol network.Policy) (runtime.Info, error) {
+	info, err := p.Fake.Create(ctx, spec)
+	if err == nil {
+		p.mu.Lock()
+		p.policies[spec.ID] = pol
+		p.mu.Unlock()
 	}
-	f.policies[id] = fmt.Sprint(allow != nil && !*allow, nw.DenyOut)
-	return nil
+	return info, err
 }
 
-func (f *fakeSlots) Adopt(ctx context.Context, s runtime.NetSlot, allow *bool, nw store.Network) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.held[s.ID] = true
-	f.adopted = append(f.adopted, s.ID)
-	return nil
-}
-
-func (f *fakeSlots) Release(ctx context.Context, id string) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.held[id] {
-		return errs.E(errs.NotFound, "slot %s", id)
+func (p *policyRT) SetPolicy(id string, pol network.Policy) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.policies[id]; !ok {
+		return errs.E(errs.NotFound, "sandbox %q", id)
 	}
-	delete(f.held, id)
+	p.policies[id] = pol
 	return nil
 }
 
-func TestNetworkSlots(t *testing.T) {
+// The create-time policy and PUT /network reach a runtime that keeps
+// sandboxes in network slots.
+func TestNetworkPolicy(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	st, _ := store.Open(ctx, dir, "")
+	st, _ := store.Open(ctx, t.TempDir(), "")
 	defer st.Close()
-	rt, _ := runtimetest.New(dir)
-	defer rt.Close()
-	rt.BakeTemplate(ctx, runtime.Template{ID: "base"})
-	slots := &fakeSlots{held: map[string]bool{}, policies: map[string]string{}}
-	n := node.New(node.Config{Capacity: 4, ExpiryInterval: time.Hour, Slots: slots}, rt, st, logging.Discard())
+	f, _ := runtimetest.New("")
+	defer f.Close()
+	f.BakeTemplate(ctx, runtime.Template{ID: "base"})
+	rt := &policyRT{Fake: f, policies: map[string]network.Policy{}}
+	n := node.New(node.Config{Capacity: 4, ExpiryInterval: time.Hour}, rt, st, logging.Discard())
 	n.Start(ctx)
+	defer n.Stop()
 	no := false
-	create(t, n, "a", func(r *node.CreateRequest) { r.AllowInternet = &no })
-	create(t, n, "b")
-	infos, _ := rt.List(ctx)
-	for _, i := range infos {
-		if i.Net.ID == "" {
-			t.Fatalf("%s created without a slot", i.ID)
-		}
+	create(t, n, "a", func(r *node.CreateRequest) {
+		r.AllowInternet = &no
+		r.Network = store.Network{AllowOut: []string{"1.1.1.1"}}
+	})
+	if p := rt.policies["a"]; p.AllowInternetAccess == nil || *p.AllowInternetAccess || fmt.Sprint(p.AllowOut) != "[1.1.1.1]" {
+		t.Fatalf("create policy %+v", p)
 	}
-	if len(slots.held) != 2 || slots.policies["slot1"] != "true []" {
-		t.Fatalf("held %v policies %v", slots.held, slots.policies)
-	}
-	if err := n.SetNetwork(ctx, "b", nil, store.Network{DenyOut: []string{"1.2.3.4"}}); err != nil {
+	if err := n.SetNetwork(ctx, "a", nil, store.Network{DenyOut: []string{"8.8.8.8"}}); err != nil {
 		t.Fatal(err)
 	}
-	if slots.policies["slot2"] != "false [1.2.3.4]" {
-		t.Fatalf("policy update: %v", slots.policies)
+	if p := rt.policies["a"]; p.AllowInternetAccess != nil || fmt.Sprint(p.DenyOut) != "[8.8.8.8]" {
+		t.Fatalf("updated policy %+v", p)
 	}
-	n.Pause(ctx, "b")
-	if slots.held["slot2"] {
-		t.Fatal("paused sandbox still holds its slot")
-	}
-	n.Resume(ctx, "b", time.Minute)
-	if !slots.held["slot3"] || slots.policies["slot3"] != "false [1.2.3.4]" {
-		t.Fatalf("resume: %v %v", slots.held, slots.policies)
-	}
-	n.Stop()
-	// Restart: the running sandboxes' slots are adopted.
-	n2 := node.New(node.Config{Capacity: 4, ExpiryInterval: time.Hour, Slots: slots}, rt, st, logging.Discard())
-	if err := n2.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	defer n2.Stop()
-	if fmt.Sprint(sorted(slots.adopted)) != "[slot1 slot3]" {
-		t.Fatalf("adopted %v", slots.adopted)
-	}
-	n2.Kill(ctx, "a")
-	n2.Kill(ctx, "b")
-	if len(slots.held) != 0 {
-		t.Fatalf("slots leaked: %v", slots.held)
+	rec, _ := st.GetSandbox(ctx, "a")
+	if fmt.Sprint(rec.Network.DenyOut) != "[8.8.8.8]" {
+		t.Fatalf("stored %+v", rec.Network)
 	}
 }

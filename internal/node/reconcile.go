@@ -99,15 +99,6 @@ func (n *Node) ReconcileReport(ctx context.Context) (ReconcileReport, error) {
 				n.mu.Lock()
 				n.active[sb.ID] = true
 				n.mu.Unlock()
-				if n.cfg.Slots != nil && info.Net.ID != "" {
-					if err := n.cfg.Slots.Adopt(ctx, info.Net, sb.AllowInternet, sb.Network); err != nil {
-						n.log.Warn("adopt network slot", "sandbox", sb.ID, "slot", info.Net.ID, "err", err)
-					} else {
-						n.mu.Lock()
-						n.netOf[sb.ID] = info.Net.ID
-						n.mu.Unlock()
-					}
-				}
 			}
 			n.event(ctx, sb.ID, "adopted", from, want, "re-adopted after restart")
 			rep.Adopted = append(rep.Adopted, sb.ID)

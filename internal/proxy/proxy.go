@@ -76,7 +76,9 @@ func New(loc Locator, domain string, bytes, reqs *prometheus.CounterVec, log *sl
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			t := pr.In.Context().Value(targetKey{}).(target)
 			pr.Out.URL.Scheme = "http"
-			pr.Out.URL.Host = fmt.Sprintf("%s.%d.sandbox", t.id, t.port)
+			// One connection pool per sandbox incarnation: a resumed
+			// sandbox never gets a connection made before its pause.
+			pr.Out.URL.Host = fmt.Sprintf("%s.%d.%d.sandbox", t.id, t.port, t.gen)
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
@@ -96,6 +98,7 @@ type targetKey struct{}
 type target struct {
 	id   string
 	port int
+	gen  int
 }
 
 var (
@@ -222,7 +225,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// The header routing information is ours, not the sandbox's.
 	r.Header.Del(HeaderTrafficToken)
-	ctx := context.WithValue(r.Context(), targetKey{}, target{id, port})
+	if cur, _, err := p.loc.Locate(r.Context(), id); err == nil {
+		sb = cur // after an auto-resume
+	}
+	ctx := context.WithValue(r.Context(), targetKey{}, target{id, port, sb.Gen})
 	ctx = context.WithValue(ctx, nodeKey{}, n)
 	p.count("proxied")
 	// Relay request and response bodies at the same time (HTTP/1.1
@@ -233,11 +239,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 type nodeKey struct{}
 
-// dial connects to "<id>.<port>.sandbox:80" through the sandbox's node.
+// dial connects to "<id>.<port>.<gen>.sandbox:80" through the sandbox's
+// node.
 func (p *Proxy) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	host, _, _ := net.SplitHostPort(addr)
 	parts := strings.Split(host, ".")
-	if len(parts) != 3 || parts[2] != "sandbox" {
+	if len(parts) != 4 || parts[3] != "sandbox" {
 		return nil, fmt.Errorf("proxy: bad upstream %q", addr)
 	}
 	id := parts[0]

@@ -44,7 +44,7 @@ func childServer(dir string) {
 		panic(err)
 	}
 	rt.Handler = runtimetest.EnvdLike
-	s, err := server.New(ctx, cfg, rt, nil, logging.New(os.Stderr, "info", "text"))
+	s, err := server.New(ctx, cfg, rt, logging.New(os.Stderr, "info", "text"))
 	if err != nil {
 		panic(err)
 	}

@@ -41,14 +41,13 @@ type Server struct {
 }
 
 // New opens the store, reconciles the local node with rt and builds the
-// handlers. slots (may be nil) gives sandboxes network slots with their
-// egress policy. Close releases them (sandboxes keep running).
-func New(ctx context.Context, cfg config.Config, rt runtime.Runtime, slots node.Slots, log *slog.Logger) (*Server, error) {
+// handlers. Close releases them (sandboxes keep running).
+func New(ctx context.Context, cfg config.Config, rt runtime.Runtime, log *slog.Logger) (*Server, error) {
 	st, err := store.Open(ctx, cfg.DataDir, cfg.DatabaseURL)
 	if err != nil {
 		return nil, err
 	}
-	n := node.New(node.Config{ID: "local", Capacity: cfg.MaxSandboxes, Slots: slots}, rt, st, log)
+	n := node.New(node.Config{ID: "local", Capacity: cfg.MaxSandboxes}, rt, st, log)
 	if err := n.Start(ctx); err != nil {
 		st.Close()
 		return nil, err

@@ -67,6 +67,11 @@ type Sandbox struct {
 	Reason          string // why it failed
 	CreatedAt       time.Time
 	UpdatedAt       time.Time
+
+	// Gen is not stored: the node bumps it each time the sandbox starts
+	// running (create, resume) so that connections made to an earlier
+	// incarnation are never reused.
+	Gen int
 }
 
 const sandboxCols = `id, key_id, template_id, alias, node_id, state, cpu_count, memory_mb, disk_mb, envd_version,

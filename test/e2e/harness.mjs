@@ -37,7 +37,9 @@ export async function startServer() {
   // launch starts the server and resolves with the key it prints.
   const launch = () => {
     const log = fs.openSync(path.join(dataDir, 'server.log'), 'a')
-    st.proc = spawn(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'server', '--listen', `127.0.0.1:${port}`],
+    // CUBE_E2E_SERVER_ARGS: extra flags, e.g. --network-slots.
+    const extra = (process.env.CUBE_E2E_SERVER_ARGS || '').split(/\s+/).filter(Boolean)
+    st.proc = spawn(path.join(BIN, 'cube'), ['--data-dir', dataDir, 'server', '--listen', `127.0.0.1:${port}`, ...extra],
       { stdio: ['ignore', 'pipe', log], env })
     st.exited = new Promise((resolve) => st.proc.on('exit', resolve))
     let out = ''
@@ -89,6 +91,7 @@ export async function startServer() {
       st.proc.kill('SIGTERM')
       await Promise.race([st.exited, new Promise((r) => setTimeout(r, 20_000))])
       if (st.proc.exitCode === null) st.proc.kill('SIGKILL')
+      fs.rmSync(`/run/cube/net-${env.CUBE_SLOT_PREFIX}.lock`, { force: true }) // the slot manager's lock
       const left = leftovers(dataDir)
       if (left.length === 0 && !process.env.CUBE_E2E_KEEP) fs.rmSync(dataDir, { recursive: true, force: true })
       return left

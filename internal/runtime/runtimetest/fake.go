@@ -43,6 +43,7 @@ type Fake struct {
 	sbs       map[string]*runtime.Info
 	snaps     map[string]runtime.Snapshot
 	calls     map[string]int
+	conns     map[string][]*pipeConn // server sides of Dial connections, by sandbox
 	srv       *http.Server
 	ln        *pipeListener
 }
@@ -62,6 +63,7 @@ func New(dir string) (*Fake, error) {
 		sbs:       map[string]*runtime.Info{},
 		snaps:     map[string]runtime.Snapshot{},
 		calls:     map[string]int{},
+		conns:     map[string][]*pipeConn{},
 	}
 	if dir != "" {
 		b, err := os.ReadFile(filepath.Join(dir, "fake-runtime.json"))
@@ -245,8 +247,19 @@ func (f *Fake) Pause(ctx context.Context, id string) error {
 		return errs.E(errs.Conflict, "sandbox %q is %s", id, sb.State)
 	}
 	sb.State = runtime.StatePaused
+	f.freeze(id)
 	f.save()
 	return nil
+}
+
+// freeze makes the open connections of sandbox id go silent, as those of
+// a checkpointed process do: they stay open but never answer again.
+// Caller holds mu.
+func (f *Fake) freeze(id string) {
+	for _, c := range f.conns[id] {
+		c.freeze()
+	}
+	delete(f.conns, id)
 }
 
 func (f *Fake) Resume(ctx context.Context, id string, n runtime.NetSlot) (runtime.Info, error) {
@@ -301,6 +314,7 @@ func (f *Fake) Destroy(ctx context.Context, id string) error {
 	defer f.mu.Unlock()
 	f.calls["Destroy"]++
 	delete(f.sbs, id)
+	f.freeze(id)
 	f.save()
 	return nil
 }
@@ -329,7 +343,10 @@ func (f *Fake) Dial(ctx context.Context, id string, port int) (net.Conn, error) 
 		return nil, errs.Wrap(errs.Unavailable, ErrRefused, "dial %s port %d", id, port)
 	}
 	c1, c2 := net.Pipe()
-	pc := &pipeConn{Conn: c2, target: target{id, port}}
+	pc := &pipeConn{Conn: c2, target: target{id, port}, frozen: make(chan struct{}), closed: make(chan struct{})}
+	f.mu.Lock()
+	f.conns[id] = append(f.conns[id], pc)
+	f.mu.Unlock()
 	select {
 	case f.ln.conns <- pc:
 	case <-f.ln.done:
@@ -375,7 +392,41 @@ var _ runtime.Runtime = (*Fake)(nil)
 
 type pipeConn struct {
 	net.Conn
-	target target
+	target    target
+	once      sync.Once
+	frozen    chan struct{}
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+func (c *pipeConn) freeze() { c.once.Do(func() { close(c.frozen) }) }
+
+// Read swallows whatever arrives once the connection is frozen and then
+// blocks until it is closed: the peer sees a connection that never answers.
+func (c *pipeConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	select {
+	case <-c.frozen:
+		<-c.closed
+		return 0, io.EOF
+	default:
+	}
+	return n, err
+}
+
+// Write of a frozen connection is swallowed.
+func (c *pipeConn) Write(b []byte) (int, error) {
+	select {
+	case <-c.frozen:
+		return len(b), nil
+	default:
+	}
+	return c.Conn.Write(b)
+}
+
+func (c *pipeConn) Close() error {
+	c.closeOnce.Do(func() { close(c.closed) })
+	return c.Conn.Close()
 }
 
 type pipeListener struct {
