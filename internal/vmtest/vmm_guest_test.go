@@ -221,8 +221,9 @@ func runInGuest(t *testing.T, c processconnect.ProcessClient, script string) (st
 
 // TestAgentOverVsockAndTap boots the busybox root with cube-agent as PID 1,
 // a virtio-net on a tap in L1 and the vsock bridge. Through the agent's
-// envd API over vsock it runs a command, reads a file of the copy-on-write
-// disk, and pings L1 over the tap; L1 pings the guest back.
+// envd API over vsock it runs a command, checks IPv6 loopback, reads a file
+// of the copy-on-write disk, and pings L1 over the tap; L1 pings the guest
+// back.
 func TestAgentOverVsockAndTap(t *testing.T) {
 	d := dir(t)
 	cubeBin(t)
@@ -276,6 +277,11 @@ func TestAgentOverVsockAndTap(t *testing.T) {
 	out, code := runInGuest(t, pc, "echo hello from $(hostname) on $(uname -r); id -u")
 	if code != 0 || !strings.Contains(out, "hello from vmtest on 6.1") || !strings.Contains(out, "\n0\n") {
 		t.Fatalf("command over vsock: exit %d, output %q", code, out)
+	}
+
+	// IPv6 is in the guest kernel: loopback has ::1.
+	if out, _ := runInGuest(t, pc, "cat /proc/net/if_inet6"); !strings.Contains(out, "00000000000000000000000000000001") {
+		t.Errorf("no ::1 in the guest (/proc/net/if_inet6: %q)", out)
 	}
 
 	req, _ := http.NewRequest("GET", "http://agent/files?path=/etc/cube-vmtest&username=root", nil)

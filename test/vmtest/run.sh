@@ -12,7 +12,15 @@ GO=${GO:-go}
 export CACHE GO
 mkdir -p "$CACHE/vmtest"
 work=$(mktemp -d "$CACHE/vmtest/run.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# The console log is kept as $CACHE/vmtest/last-console.log (replaced at
+# the end of each run, so that concurrent runs do not interleave in it).
+keep_log() {
+  if [ -s "$work/console.log" ]; then
+    cp "$work/console.log" "$CACHE/vmtest/.console.$$" && mv -f "$CACHE/vmtest/.console.$$" "$CACHE/vmtest/last-console.log"
+  fi
+  rm -rf "$work"
+}
+trap keep_log EXIT
 t0=$(date +%s)
 vars=$(nice -n 10 "$here/image.sh" "$work")
 eval "$vars"
@@ -21,5 +29,5 @@ cd "$repo"
 CUBE_VMTEST_L1_KERNEL=$L1_KERNEL CUBE_VMTEST_L1_INITRD=$L1_INITRD \
 CUBE_VMTEST_GUEST_KERNEL=$GUEST_KERNEL/bzImage CUBE_VMTEST_GUEST_ROOTFS=$GUEST_ROOTFS \
 CUBE_VMTEST_RUN=${VMTEST_RUN:-} CUBE_VMTEST_TIMEOUT=${VMTEST_TIMEOUT:-12m} \
-CUBE_VMTEST_VERBOSE=${VMTEST_VERBOSE:-} CUBE_VMTEST_LOG=$CACHE/vmtest/last-console.log \
+CUBE_VMTEST_VERBOSE=${VMTEST_VERBOSE:-} CUBE_VMTEST_LOG=$work/console.log \
   $GO test -count=1 -v -timeout 30m -run '^(TestGuestKernelTCG|TestEmulatedMachine)$' ./internal/vmtest
