@@ -33,16 +33,7 @@ var templateEnsurers []func(ctx context.Context, c config.Config, rt runtime.Run
 // pickRuntime returns the runtime named by c.Runtime, or for "auto" the
 // one the host calls for (microvm on kvm-hardware, else gvisor).
 func pickRuntime(ctx context.Context, c config.Config, log *slog.Logger) (runtime.Runtime, error) {
-	name := c.Runtime
-	if name == "" || name == "auto" {
-		name = hostinfo.RuntimeFor(hostinfo.Probe{}.Kind())
-		if _, ok := runtimeFactories[name]; !ok && name == "microvm" {
-			if _, ok := runtimeFactories["gvisor"]; ok {
-				log.Warn("the microvm runtime is not built into this cube; using gvisor")
-				name = "gvisor"
-			}
-		}
-	}
+	name := runtimeName(c.Runtime, hostinfo.Probe{}.Kind(), log)
 	f, ok := runtimeFactories[name]
 	if !ok {
 		var have []string
@@ -53,6 +44,22 @@ func pickRuntime(ctx context.Context, c config.Config, log *slog.Logger) (runtim
 		return nil, errs.E(errs.FailedPrecondition, "runtime %q is not built into this cube (built in: %s)", name, strings.Join(have, ", "))
 	}
 	return f(ctx, c, log)
+}
+
+// runtimeName resolves a configured runtime name ("", "auto" or a name)
+// on a host of kind k.
+func runtimeName(name string, k hostinfo.Kind, log *slog.Logger) string {
+	if name != "" && name != "auto" {
+		return name
+	}
+	name = hostinfo.RuntimeFor(k)
+	if _, ok := runtimeFactories[name]; !ok && name == "microvm" {
+		if _, ok := runtimeFactories["gvisor"]; ok {
+			log.Warn("the microvm runtime is not built into this cube; using gvisor")
+			name = "gvisor"
+		}
+	}
+	return name
 }
 
 // apiURL is the URL clients use for a listen address.

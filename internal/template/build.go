@@ -135,6 +135,18 @@ func (b *Builder) CreateBuiltin(ctx context.Context, name string) (Record, error
 	}
 	digest := artifactDigest("recipe:"+rc.Hash(mirror), agentSum)
 	if old, err := b.Catalog.Get(ctx, rc.Name); err == nil && old.Phase == PhaseReady && old.Digest == digest {
+		// The artifacts are ready; make sure this runtime has baked them
+		// too (a no-op when it has: BakeTemplate is idempotent per id),
+		// e.g. after switching the server between gvisor and microvm.
+		if b.Runtime == nil {
+			return old, nil
+		}
+		if err := b.Runtime.BakeTemplate(ctx, b.runtimeTemplate(ctx, &old, old.RootfsDir, old.Ext4Image, rc.ExtraProbes, nil)); err != nil {
+			return b.fail(ctx, &old, err)
+		}
+		if old.Phase != PhaseReady {
+			b.set(ctx, &old, PhaseReady, 1, "")
+		}
 		return old, nil
 	}
 	r, err := b.prepare(ctx, rc.Name, "builtin:"+rc.Name, rc.Aliases, true, "")
@@ -308,6 +320,24 @@ func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce 
 		fmt.Sscan(string(b), &r.SizeBytes)
 	}
 	b.set(ctx, r, PhaseBuildingImage, 1, "")
+	if b.Runtime == nil {
+		return b.fail(ctx, r, errs.E(errs.FailedPrecondition, "no runtime to bake the template"))
+	}
+	// A rebuild replaces the runtime's snapshot.
+	if err := b.Runtime.DeleteTemplate(ctx, r.ID); err != nil && !errs.Is(err, errs.NotFound) {
+		return b.fail(ctx, r, err)
+	}
+	if err := b.Runtime.BakeTemplate(ctx, b.runtimeTemplate(ctx, r, rootfs, img, extraProbes, start)); err != nil {
+		return b.fail(ctx, r, err)
+	}
+	r.Reason = ""
+	b.set(ctx, r, PhaseReady, 1, "")
+	return *r, nil
+}
+
+// runtimeTemplate is what the runtime bakes for r: both the rootfs dir
+// (gvisor) and the ext4 image (microvm), whichever runtime the server uses.
+func (b *Builder) runtimeTemplate(ctx context.Context, r *Record, rootfs, img string, extraProbes []int, start []string) runtime.Template {
 	env := map[string]string{}
 	for k, v := range r.Env {
 		env[k] = v
@@ -316,14 +346,7 @@ func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce 
 		j, _ := json.Marshal(start)
 		env["CUBE_START_CMD"] = string(j)
 	}
-	if b.Runtime == nil {
-		return b.fail(ctx, r, errs.E(errs.FailedPrecondition, "no runtime to bake the template"))
-	}
-	// A rebuild replaces the runtime's snapshot.
-	if err := b.Runtime.DeleteTemplate(ctx, r.ID); err != nil && !errs.Is(err, errs.NotFound) {
-		return b.fail(ctx, r, err)
-	}
-	t := runtime.Template{
+	return runtime.Template{
 		ID: r.ID, RootfsDir: rootfs, Ext4Image: img, Env: env, Workdir: r.Workdir,
 		Resources: runtime.Resources{CPUCount: r.CPUCount, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB},
 		ProbePort: r.ProbePort, ProbePath: r.ProbePath, ExtraProbes: extraProbes,
@@ -338,12 +361,6 @@ func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce 
 			}
 		},
 	}
-	if err := b.Runtime.BakeTemplate(ctx, t); err != nil {
-		return b.fail(ctx, r, err)
-	}
-	r.Reason = ""
-	b.set(ctx, r, PhaseReady, 1, "")
-	return *r, nil
 }
 
 // Delete removes a template: the runtime's snapshot (refused while

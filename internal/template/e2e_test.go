@@ -326,6 +326,19 @@ func TestBuiltinBase(t *testing.T) {
 	if err != nil || r2.JobID != r.JobID {
 		t.Fatalf("second build not cached: %v %s/%s", err, r2.JobID, r.JobID)
 	}
+	// A runtime without the snapshot (as after switching the server between
+	// gvisor and microvm) gets it baked from the cached artifacts.
+	if err := rt.DeleteTemplate(ctx, "base"); err != nil {
+		t.Fatal(err)
+	}
+	phases = nil
+	r3, err := b.CreateBuiltin(ctx, "base")
+	if err != nil || r3.JobID != r.JobID || r3.Phase != PhaseReady {
+		t.Fatalf("re-bake: %v %s/%s %s", err, r3.JobID, r.JobID, r3.Phase)
+	}
+	if got := strings.Join(phaseStrings(phases), ","); got != "BOOTING,PROBING,SNAPSHOTTING,READY" {
+		t.Errorf("re-bake phases %s", got)
+	}
 	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "base-1", TemplateID: "base"}); err != nil {
 		t.Fatal(err)
 	}
