@@ -30,7 +30,7 @@ fi
 build=$CACHE/kernel/build-$key
 mkdir -p "$build"
 jobs=${KERNEL_JOBS:-$(nproc)}
-mk() { nice -n "${KERNEL_NICE:-19}" make -s -C "$src" O="$build" "$@"; }
+mk() { nice -n 19 make -s -C "$src" O="$build" "$@"; }
 echo "kernel: configuring in $build" >&2
 mk tinyconfig >/dev/null
 "$src/scripts/kconfig/merge_config.sh" -m -O "$build" "$build/.config" "$here/guest.config" >/dev/null
