@@ -7,9 +7,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -64,20 +67,40 @@ func TestEmulatedMachine(t *testing.T) {
 		logw = f
 	}
 
+	stall := 4 * time.Minute
+	if s := os.Getenv("CUBE_VMTEST_STALL"); s != "" {
+		if stall, err = time.ParseDuration(s); err != nil {
+			t.Fatalf("CUBE_VMTEST_STALL: %v", err)
+		}
+	}
+	m.Monitor = filepath.Join(t.TempDir(), "monitor.sock")
+
 	var rep Report
 	var firstUp time.Duration
 	start := time.Now()
-	timedOut, werr := runQEMU(t, m.Args(), timeout, logw, func(el time.Duration, line string) {
+	ended, werr := runQEMU(t, m.Args(), timeout, stall, logw, func(el time.Duration, line string) {
 		wasUp := rep.L1Up
 		rep.Feed(line)
 		if !wasUp && rep.L1Up {
 			firstUp = el
 		}
+	}, func() {
+		// Where the emulated CPU is, sampled three times: a wedged L1
+		// (or L2, when the CPU is in guest mode) shows the same few RIPs.
+		for i := 0; i < 3; i++ {
+			out, err := monitor(m.Monitor, "info cpus", "info registers")
+			t.Logf("console silent for %v; QEMU monitor sample %d (err %v):\n%s", stall, i+1, err, out)
+			io.WriteString(logw, out)
+			time.Sleep(time.Second)
+		}
 	})
 	t.Logf("L1 /init reached after %.1fs; whole run %.1fs", firstUp.Seconds(), time.Since(start).Seconds())
 	t.Logf("summary: %s", rep.Summary())
-	if timedOut {
+	switch ended {
+	case "timeout":
 		t.Fatalf("timed out after %v (CUBE_VMTEST_TIMEOUT): %v", timeout, rep.Err())
+	case "stalled":
+		t.Fatalf("the console was silent for %v (CUBE_VMTEST_STALL), the machine was stopped: %v", stall, rep.Err())
 	}
 	if err := rep.Err(); err != nil {
 		t.Fatalf("%v (qemu: %v)", err, werr)
@@ -89,8 +112,10 @@ func TestEmulatedMachine(t *testing.T) {
 
 // runQEMU runs a QEMU command line in its own process group, streams its
 // console (stdout) line by line to the test log, logw and onLine, and kills
-// it after timeout. It returns whether the timeout hit and Wait's error.
-func runQEMU(t *testing.T, args []string, timeout time.Duration, logw io.Writer, onLine func(time.Duration, string)) (bool, error) {
+// it after timeout, or once the console has been silent for stall (0: no
+// stall limit), after calling onStall. It returns why it ended early
+// ("" if QEMU exited by itself) and Wait's error.
+func runQEMU(t *testing.T, args []string, timeout, stall time.Duration, logw io.Writer, onLine func(time.Duration, string), onStall func()) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -107,9 +132,38 @@ func runQEMU(t *testing.T, args []string, timeout time.Duration, logw io.Writer,
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	var stalled atomic.Bool
+	watchDone := make(chan struct{})
+	defer close(watchDone)
+	if stall > 0 {
+		go func() {
+			tick := time.NewTicker(5 * time.Second)
+			defer tick.Stop()
+			for {
+				select {
+				case <-watchDone:
+					return
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+				}
+				if time.Since(time.Unix(0, last.Load())) > stall {
+					stalled.Store(true)
+					if onStall != nil {
+						onStall()
+					}
+					cancel()
+					return
+				}
+			}
+		}()
+	}
 	sc := bufio.NewScanner(out)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
+		last.Store(time.Now().UnixNano())
 		line := sc.Text()
 		el := time.Since(start)
 		io.WriteString(logw, el.Truncate(time.Millisecond).String()+" "+line+"\n")
@@ -117,7 +171,51 @@ func runQEMU(t *testing.T, args []string, timeout time.Duration, logw io.Writer,
 		onLine(el, line)
 	}
 	werr := cmd.Wait()
-	return ctx.Err() != nil, werr
+	switch {
+	case stalled.Load():
+		return "stalled", werr
+	case ctx.Err() != nil:
+		return "timeout", werr
+	}
+	return "", werr
+}
+
+// monitor sends human-monitor commands to a QEMU monitor socket and
+// returns what it answered.
+func monitor(sock string, cmds ...string) (string, error) {
+	c, err := net.DialTimeout("unix", sock, 5*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	var out strings.Builder
+	rd := bufio.NewReader(c)
+	readPrompt := func() error {
+		// The monitor ends each answer with the "(qemu) " prompt.
+		for {
+			b, err := rd.ReadByte()
+			if err != nil {
+				return err
+			}
+			out.WriteByte(b)
+			if strings.HasSuffix(out.String(), "(qemu) ") {
+				return nil
+			}
+		}
+	}
+	if err := readPrompt(); err != nil {
+		return out.String(), err
+	}
+	for _, cmd := range cmds {
+		if _, err := io.WriteString(c, cmd+"\n"); err != nil {
+			return out.String(), err
+		}
+		if err := readPrompt(); err != nil {
+			return out.String(), err
+		}
+	}
+	return out.String(), nil
 }
 
 // TestGuestKernelTCG boots the guest kernel built by `make kernel` directly
@@ -149,15 +247,15 @@ func TestGuestKernelTCG(t *testing.T) {
 			`-c "echo @@cube-guest $(cat /etc/cube-vmtest) $(uname -r); reboot -f"`, khz),
 	}
 	var got string
-	timedOut, werr := runQEMU(t, args, 3*time.Minute, io.Discard, func(_ time.Duration, line string) {
+	ended, werr := runQEMU(t, args, 3*time.Minute, 0, io.Discard, func(_ time.Duration, line string) {
 		// The kernel echoes its command line, which holds the unexpanded
 		// marker command; only the guest shell's output counts.
 		if i := strings.Index(line, "@@cube-guest cube-vmtest-rootfs-ok "); i >= 0 {
 			got = line[i:]
 		}
-	})
-	if timedOut {
-		t.Fatal("timed out")
+	}, nil)
+	if ended != "" {
+		t.Fatal(ended)
 	}
 	if !strings.HasPrefix(got, "@@cube-guest cube-vmtest-rootfs-ok 6.1") {
 		t.Fatalf("no marker from the guest's init (got %q; qemu: %v)", got, werr)

@@ -14,6 +14,9 @@ type Machine struct {
 	TSCkHz  int    // host TSC rate, for tsc_early_khz=
 	Run     string // -test.run pattern for the guest-side tests ("" = all)
 	Verbose bool   // show the L1 kernel's log on the console
+	// Monitor, if set, is a unix socket path for QEMU's human monitor, so
+	// a stalled machine's vCPU state can be read.
+	Monitor string
 }
 
 // Args returns the QEMU command line: TCG (the host /dev/kvm is not used),
@@ -35,13 +38,17 @@ func (m Machine) Args() []string {
 	if m.Run != "" {
 		cmdline = append(cmdline, "cube.run="+m.Run)
 	}
-	return []string{m.QEMU,
+	args := []string{m.QEMU,
 		"-accel", "tcg", "-M", "microvm", "-cpu", "max", "-smp", "1",
 		"-m", fmt.Sprint(mem),
 		"-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
 		"-kernel", m.Kernel, "-initrd", m.Initrd,
 		"-append", strings.Join(cmdline, " "),
 	}
+	if m.Monitor != "" {
+		args = append(args, "-monitor", "unix:"+m.Monitor+",server=on,wait=off")
+	}
+	return args
 }
 
 // ValidRun reports whether a -test.run pattern can travel on the kernel
