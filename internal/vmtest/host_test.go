@@ -53,7 +53,8 @@ func TestEmulatedMachine(t *testing.T) {
 		}
 	}
 	m := Machine{QEMU: qemu, Kernel: kernel, Initrd: initrd, TSCkHz: khz,
-		Run: os.Getenv("CUBE_VMTEST_RUN"), Verbose: os.Getenv("CUBE_VMTEST_VERBOSE") == "1"}
+		Run: os.Getenv("CUBE_VMTEST_RUN"), Verbose: os.Getenv("CUBE_VMTEST_VERBOSE") == "1",
+		Append: os.Getenv("CUBE_VMTEST_L1_APPEND")}
 	if !ValidRun(m.Run) {
 		t.Fatalf("CUBE_VMTEST_RUN %q: spaces and quotes cannot pass the kernel command line", m.Run)
 	}
@@ -88,7 +89,7 @@ func TestEmulatedMachine(t *testing.T) {
 		// Where the emulated CPU is, sampled three times: a wedged L1
 		// (or L2, when the CPU is in guest mode) shows the same few RIPs.
 		for i := 0; i < 3; i++ {
-			out, err := monitor(m.Monitor, "info cpus", "info registers")
+			out, err := monitor(m.Monitor, "info cpus", "info registers", "info lapic", "info pic")
 			t.Logf("console silent for %v; QEMU monitor sample %d (err %v):\n%s", stall, i+1, err, out)
 			io.WriteString(logw, out)
 			time.Sleep(time.Second)

@@ -17,6 +17,8 @@ type Machine struct {
 	// Monitor, if set, is a unix socket path for QEMU's human monitor, so
 	// a stalled machine's vCPU state can be read.
 	Monitor string
+	// Append is extra L1 kernel command line (space-separated words).
+	Append string
 }
 
 // Args returns the QEMU command line: TCG (the host /dev/kvm is not used),
@@ -35,6 +37,7 @@ func (m Machine) Args() []string {
 	} else {
 		cmdline = append(cmdline, "loglevel=3")
 	}
+	cmdline = append(cmdline, strings.Fields(m.Append)...)
 	if m.Run != "" {
 		cmdline = append(cmdline, "cube.run="+m.Run)
 	}

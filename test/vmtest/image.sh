@@ -67,7 +67,7 @@ for f in "${order[@]}"; do
   b=$(basename "$f")
   cp "$f" "$root/lib/modules/$b"
   params=""
-  [ "$b" = kvm-amd.ko ] && params="nested=1"
+  [ "$b" = kvm-amd.ko ] && params="nested=1 ${VMTEST_KVM_AMD_PARAMS:-}"
   echo "$b $params" >> "$root/lib/modules/modules.list"
 done
 

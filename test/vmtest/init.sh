@@ -50,6 +50,22 @@ for w in $(cat /proc/cmdline); do
 done
 export CUBE_VMTEST_DIR=/vmtest
 cd /vmtest
+# Heartbeat: shows the host harness (and a reader of a stalled run) that
+# L1 is alive, with its free memory and load, plus any kernel warnings
+# (OOM, lockups, RCU stalls) that loglevel=3 keeps off the console.
+(
+  seen=0
+  while sleep 20; do
+    avail=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+    echo "@@cube-vmtest heartbeat uptime=$(cut -d' ' -f1 /proc/uptime) memavail_kib=$avail load=$(cut -d' ' -f1-3 /proc/loadavg)"
+    dmesg | grep -E 'Out of memory|oom-kill|soft lockup|hung_task|blocked for more|rcu.*stall|BUG:|WARNING:|Call Trace' > /tmp/.kwarn 2>/dev/null
+    n=$(wc -l < /tmp/.kwarn)
+    if [ "$n" -gt "$seen" ]; then
+      tail -n $((n - seen)) /tmp/.kwarn | head -n 20 | sed 's/^/@@cube-vmtest kernel /'
+      seen=$n
+    fi
+  done
+) &
 echo "@@cube-vmtest begin"
 if [ -n "$run" ]; then
   ./vmtest.test -test.v -test.timeout=10m -test.run "$run"
