@@ -8,13 +8,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -73,16 +71,8 @@ type benchStats struct {
 	err     error
 }
 
-// pct is the nearest-rank percentile p (0..1) of the samples.
-func (s *benchStats) pct(p float64) time.Duration {
-	if len(s.samples) == 0 {
-		return 0
-	}
-	v := append([]time.Duration(nil), s.samples...)
-	sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
-	i := int(math.Ceil(p*float64(len(v)))) - 1
-	return v[min(max(i, 0), len(v)-1)]
-}
+// pct is the nearest-rank percentile p (0..100) of the samples.
+func (s *benchStats) pct(p int) time.Duration { return percentile(s.samples, p) }
 
 func ms(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 2, 64) }
 
@@ -193,7 +183,7 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, a
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "variant\truns\tp50 ms\tp99 ms\tmin ms\tp50 vs crun\n")
-	base := crun.pct(0.5)
+	base := crun.pct(50)
 	all := []*benchStats{plain, jailed, crun}
 	if ready != nil {
 		all = append(all, ready)
@@ -208,9 +198,9 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, a
 		}
 		ratio := "-"
 		if base > 0 {
-			ratio = strconv.FormatFloat(float64(s.pct(0.5))/float64(base), 'f', 2, 64) + "x"
+			ratio = strconv.FormatFloat(float64(s.pct(50))/float64(base), 'f', 2, 64) + "x"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", s.name, len(s.samples), ms(s.pct(0.5)), ms(s.pct(0.99)), ms(s.pct(0)), ratio)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", s.name, len(s.samples), ms(s.pct(50)), ms(s.pct(99)), ms(s.pct(0)), ratio)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "guest RAM %d MiB, 1 vCPU; host /dev/kvm %s\n", memMiB, hostKVMKind())
