@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -60,10 +59,9 @@ func newBenchAgent() *cobra.Command {
 
 type lat []time.Duration
 
+// pct is the sample at index q*(n-1), rounded down, of the n samples sorted.
 func (l lat) pct(q float64) time.Duration {
-	s := append(lat(nil), l...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	return s[int(q*float64(len(s)-1))]
+	return sampleAt(l, func(n int) int { return int(q * float64(n-1)) })
 }
 
 // measurePair alternates a and b so that both see the same machine load

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -100,8 +99,8 @@ on a free port with a temporary data dir.`,
 			fmt.Fprintln(tw, "client\tconc\tn\tfailed\tcreate p50\tp95\tp99\t+first run p50\tp95\tp99\t")
 			for _, r := range goRows {
 				fmt.Fprintf(tw, "cube Go client\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.c, r.n, r.fail,
-					apiMS(pctl(r.create, 50)), apiMS(pctl(r.create, 95)), apiMS(pctl(r.create, 99)),
-					apiMS(pctl(r.total, 50)), apiMS(pctl(r.total, 95)), apiMS(pctl(r.total, 99)))
+					apiMS(percentile(r.create, 50)), apiMS(percentile(r.create, 95)), apiMS(percentile(r.create, 99)),
+					apiMS(percentile(r.total, 50)), apiMS(percentile(r.total, 95)), apiMS(percentile(r.total, 99)))
 			}
 			if noSDK {
 				return tw.Flush()
@@ -114,15 +113,15 @@ on a free port with a temporary data dir.`,
 			}
 			for i, r := range sdk {
 				fmt.Fprintf(tw, "stock e2b SDK\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.C, len(r.Create), r.Failed,
-					apiMS(pctl(r.create(), 50)), apiMS(pctl(r.create(), 95)), apiMS(pctl(r.create(), 99)),
-					apiMS(pctl(r.total(), 50)), apiMS(pctl(r.total(), 95)), apiMS(pctl(r.total(), 99)))
+					apiMS(percentile(r.create(), 50)), apiMS(percentile(r.create(), 95)), apiMS(percentile(r.create(), 99)),
+					apiMS(percentile(r.total(), 50)), apiMS(percentile(r.total(), 95)), apiMS(percentile(r.total(), 99)))
 				_ = i
 			}
 			tw.Flush()
 			for i, r := range sdk {
-				if i < len(goRows) && pctl(goRows[i].total, 50) > 0 {
+				if i < len(goRows) && percentile(goRows[i].total, 50) > 0 {
 					fmt.Fprintf(out, "c=%d: stock SDK / Go client, create+first run p50: %.2fx\n", r.C,
-						float64(pctl(r.total(), 50))/float64(pctl(goRows[i].total, 50)))
+						float64(percentile(r.total(), 50))/float64(percentile(goRows[i].total, 50)))
 				}
 			}
 			return nil
@@ -139,16 +138,6 @@ on a free port with a temporary data dir.`,
 
 func apiMS(d time.Duration) string {
 	return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond))
-}
-
-func pctl(ds []time.Duration, p int) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := append([]time.Duration{}, ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	i := (len(s)*p + 99) / 100
-	return s[min(max(i-1, 0), len(s)-1)]
 }
 
 func benchOne(ctx context.Context, cl *apiclient.Client, template string) (apiSample, error) {

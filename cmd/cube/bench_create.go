@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,14 +35,9 @@ type benchRow struct {
 	err     error
 }
 
+// cpct is the sample of rank p*n, rounded, of the n samples s sorted.
 func cpct(s []time.Duration, p float64) time.Duration {
-	if len(s) == 0 {
-		return 0
-	}
-	sorted := append([]time.Duration(nil), s...)
-	sort.Slice(sorted, func(i, j int) bool { return sorted[i] < sorted[j] })
-	i := int(p*float64(len(sorted))+0.5) - 1
-	return sorted[max(0, min(i, len(sorted)-1))]
+	return sampleAt(s, func(n int) int { return int(p*float64(n)+0.5) - 1 })
 }
 
 func cms(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d.Microseconds())/1000) }

@@ -11,7 +11,6 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
-	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -313,14 +312,5 @@ func throughput(dial func(context.Context, string, string) (net.Conn, error), ke
 }
 
 func pct(ds []time.Duration, p int) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := append([]time.Duration(nil), ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	i := (len(s)*p + 99) / 100
-	if i > 0 {
-		i--
-	}
-	return s[min(i, len(s)-1)].Round(time.Microsecond)
+	return percentile(ds, p).Round(time.Microsecond)
 }

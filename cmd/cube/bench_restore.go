@@ -4,14 +4,12 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,7 +18,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/vmm/kvm"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
@@ -32,19 +29,19 @@ func init() { addBench(newBenchRestore) }
 
 func newBenchRestore() *cobra.Command {
 	var (
-		n          int
-		concList   string
-		noCrun     bool
-		crunHelper string
-		crunConc   int
+		n                int
+		concList         string
+		noCrun           bool
+		crunHelperBundle string
+		crunConc         int
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
 		Short: "Snapshot restore-to-running latency and memory per idle clone (synthetic guest) vs crun run /bin/true",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if crunHelper != "" {
-				return restoreCrunHelper(crunHelper, n, crunConc, cmd.OutOrStdout())
+			if crunHelperBundle != "" {
+				return crunHelper(cmd.OutOrStdout(), crunHelperBundle, n, crunConc)
 			}
 			var concs []int
 			for _, f := range strings.Split(concList, ",") {
@@ -63,7 +60,7 @@ func newBenchRestore() *cobra.Command {
 	cmd.Flags().IntVarP(&n, "n", "n", 100, "clones (and crun runs) per concurrency level")
 	cmd.Flags().StringVarP(&concList, "c", "c", "1,10", "concurrency levels")
 	cmd.Flags().BoolVar(&noCrun, "no-crun", false, "skip the crun peer")
-	cmd.Flags().StringVar(&crunHelper, "crun-helper", "", "internal: run crun in this bundle (inside a private mount namespace)")
+	cmd.Flags().StringVar(&crunHelperBundle, "crun-helper", "", "internal: run crun in this bundle (inside a private mount namespace)")
 	cmd.Flags().IntVar(&crunConc, "crun-c", 1, "internal: crun helper concurrency")
 	_ = cmd.Flags().MarkHidden("crun-helper")
 	_ = cmd.Flags().MarkHidden("crun-c")
@@ -72,17 +69,9 @@ func newBenchRestore() *cobra.Command {
 
 type latencies []time.Duration
 
+// pct is the sample at index n*p/100 of the n samples sorted.
 func (l latencies) pct(p int) time.Duration {
-	if len(l) == 0 {
-		return 0
-	}
-	s := append(latencies(nil), l...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	i := len(s) * p / 100
-	if i >= len(s) {
-		i = len(s) - 1
-	}
-	return s[i]
+	return sampleAt(l, func(n int) int { return n * p / 100 })
 }
 
 func msStr(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000) }
@@ -346,109 +335,13 @@ func stopAll(ps []*vmmProc) {
 	wg.Wait()
 }
 
-// runCrun builds a busybox-static bundle and times n `crun run` of
-// /bin/true at concurrency c in a helper in a private mount namespace
-// (crun needs cgroup2 mounted at /sys/fs/cgroup; this host has v1).
+// runCrun times n `crun run` of /bin/true at concurrency c (see
+// bench_crun.go).
 func runCrun(work string, n, c int) (latencies, error) {
-	crunPath, err := exec.LookPath("crun")
-	if err != nil {
-		return nil, fmt.Errorf("crun not installed (apt-get install crun)")
-	}
-	bb := "/bin/busybox"
-	if _, err := os.Stat(bb); err != nil {
-		return nil, fmt.Errorf("busybox-static not installed")
-	}
 	bundle := filepath.Join(work, "crun-bundle")
-	if _, err := os.Stat(filepath.Join(bundle, "config.json")); err != nil {
-		rootfs := filepath.Join(bundle, "rootfs")
-		for _, d := range []string{"bin", "proc", "sys", "dev", "tmp"} {
-			if err := os.MkdirAll(filepath.Join(rootfs, d), 0o755); err != nil {
-				return nil, err
-			}
-		}
-		b, err := os.ReadFile(bb)
-		if err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(filepath.Join(rootfs, "bin", "busybox"), b, 0o755); err != nil {
-			return nil, err
-		}
-		if err := os.Symlink("busybox", filepath.Join(rootfs, "bin", "true")); err != nil {
-			return nil, err
-		}
-		spec := exec.Command(crunPath, "spec")
-		spec.Dir = bundle
-		if o, err := spec.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("crun spec: %v: %s", err, o)
-		}
-		var cfg map[string]any
-		raw, err := os.ReadFile(filepath.Join(bundle, "config.json"))
-		if err != nil {
-			return nil, err
-		}
-		if err := json.Unmarshal(raw, &cfg); err != nil {
-			return nil, err
-		}
-		proc, _ := cfg["process"].(map[string]any)
-		if proc == nil {
-			return nil, fmt.Errorf("crun spec: no process section")
-		}
-		proc["terminal"] = false
-		proc["args"] = []string{"/bin/true"}
-		raw, _ = json.Marshal(cfg)
-		if err := os.WriteFile(filepath.Join(bundle, "config.json"), raw, 0o644); err != nil {
-			return nil, err
-		}
-	}
-	self, err := os.Executable()
-	if err != nil {
+	if err := makeCrunBundle(bundle); err != nil {
 		return nil, err
 	}
-	h := exec.Command(self, "bench", "restore", "--crun-helper", bundle, "-n", strconv.Itoa(n), "--crun-c", strconv.Itoa(c))
-	h.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGKILL}
-	h.Stderr = os.Stderr
-	o, err := h.Output()
-	if err != nil {
-		return nil, fmt.Errorf("crun helper: %v", err)
-	}
-	var ns []int64
-	if err := json.Unmarshal(o, &ns); err != nil {
-		return nil, fmt.Errorf("crun helper output %q: %v", o, err)
-	}
-	var lat latencies
-	for _, v := range ns {
-		lat = append(lat, time.Duration(v))
-	}
-	return lat, nil
-}
-
-// restoreCrunHelper runs in a private mount namespace: mount cgroup2 and
-// time n crun runs; prints the latencies (ns) as JSON.
-func restoreCrunHelper(bundle string, n, c int, out io.Writer) error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make / private: %w", err)
-	}
-	if err := unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, ""); err != nil {
-		return fmt.Errorf("mount cgroup2: %w", err)
-	}
-	root, err := os.MkdirTemp("", "cube-bench-crun-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(root)
-	res := make([]int64, n)
-	err = parallel(n, c, func(i int) error {
-		id := fmt.Sprintf("cubebench-%d-%d", os.Getpid(), i)
-		t0 := time.Now()
-		cmd := exec.Command("crun", "--root", root, "--cgroup-manager=disabled", "run", "--bundle", bundle, id)
-		if o, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("crun run: %v: %s", err, o)
-		}
-		res[i] = int64(time.Since(t0))
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	return json.NewEncoder(out).Encode(res)
+	lat, err := runCrunHelper("bench", "restore", "--crun-helper", bundle, "-n", strconv.Itoa(n), "--crun-c", strconv.Itoa(c))
+	return latencies(lat), err
 }

@@ -5,16 +5,13 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -22,7 +19,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/vmm/synth"
@@ -33,11 +29,11 @@ func init() { addBench(newBenchVMM) }
 
 func newBenchVMM() *cobra.Command {
 	var (
-		runs       int
-		memMiB     int
-		crunHelper string
-		noCrun     bool
-		agent      agentBench
+		runs             int
+		memMiB           int
+		crunHelperBundle string
+		noCrun           bool
+		agent            agentBench
 	)
 	cmd := &cobra.Command{
 		Use:   "vmm",
@@ -49,8 +45,8 @@ same run, is 'crun run /bin/true' (busybox-static rootfs, private mount
 namespace with cgroup2 mounted, --cgroup-manager=disabled).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if crunHelper != "" {
-				return crunHelperMain(cmd.OutOrStdout(), crunHelper, runs)
+			if crunHelperBundle != "" {
+				return crunHelper(cmd.OutOrStdout(), crunHelperBundle, runs, 1)
 			}
 			return benchVMM(cmd.Context(), cmd.OutOrStdout(), runs, memMiB, noCrun, agent)
 		},
@@ -58,7 +54,7 @@ namespace with cgroup2 mounted, --cgroup-manager=disabled).`,
 	cmd.Flags().IntVar(&runs, "runs", 30, "iterations per variant")
 	cmd.Flags().IntVar(&memMiB, "mem", 256, "guest RAM in MiB")
 	cmd.Flags().BoolVar(&noCrun, "no-crun", false, "skip the crun peer")
-	cmd.Flags().StringVar(&crunHelper, "crun-helper", "", "internal: run crun in this bundle (in a private mount namespace)")
+	cmd.Flags().StringVar(&crunHelperBundle, "crun-helper", "", "internal: run crun in this bundle (in a private mount namespace)")
 	cmd.Flags().StringVar(&agent.kernel, "agent-kernel", "", "boot-to-agent-ready: guest kernel (needs hardware KVM)")
 	cmd.Flags().StringVar(&agent.rootfs, "agent-rootfs", "", "boot-to-agent-ready: root disk image with cube-agent (used read-only with a throwaway overlay)")
 	cmd.Flags().StringVar(&agent.cmdline, "agent-cmdline", "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw init=/sbin/cube-agent", "boot-to-agent-ready: kernel command line")
@@ -73,16 +69,8 @@ type benchStats struct {
 	err     error
 }
 
-// pct is the nearest-rank percentile p (0..1) of the samples.
-func (s *benchStats) pct(p float64) time.Duration {
-	if len(s.samples) == 0 {
-		return 0
-	}
-	v := append([]time.Duration(nil), s.samples...)
-	sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
-	i := int(math.Ceil(p*float64(len(v)))) - 1
-	return v[min(max(i, 0), len(v)-1)]
-}
+// pct is the nearest-rank percentile p (0..100) of the samples.
+func (s *benchStats) pct(p int) time.Duration { return percentile(s.samples, p) }
 
 func ms(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 2, 64) }
 
@@ -154,11 +142,9 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, a
 	jailed := &benchStats{name: "cube vmm jailed (netns+mntns+cgroup+seccomp)"}
 	crun := &benchStats{name: "crun run /bin/true (peer)"}
 	// Interleave variants so drift on the shared machine hits all alike.
-	var crunBundle string
+	crunBundle := filepath.Join(dir, "bundle")
 	if !noCrun {
-		if crunBundle, err = makeCrunBundle(dir); err != nil {
-			crun.err = err
-		}
+		crun.err = makeCrunBundle(crunBundle)
 	}
 	for i := 0; i < runs; i++ {
 		for _, v := range []*benchStats{plain, jailed} {
@@ -174,7 +160,7 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, a
 		}
 	}
 	if !noCrun && crun.err == nil {
-		crun.samples, crun.err = runCrunHelper(bin, crunBundle, runs)
+		crun.samples, crun.err = runCrunHelper("bench", "vmm", "--crun-helper", crunBundle, "--runs", strconv.Itoa(runs))
 	}
 	var ready *benchStats
 	if agent.kernel != "" {
@@ -193,7 +179,7 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, a
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "variant\truns\tp50 ms\tp99 ms\tmin ms\tp50 vs crun\n")
-	base := crun.pct(0.5)
+	base := crun.pct(50)
 	all := []*benchStats{plain, jailed, crun}
 	if ready != nil {
 		all = append(all, ready)
@@ -208,9 +194,9 @@ func benchVMM(ctx context.Context, w io.Writer, runs, memMiB int, noCrun bool, a
 		}
 		ratio := "-"
 		if base > 0 {
-			ratio = strconv.FormatFloat(float64(s.pct(0.5))/float64(base), 'f', 2, 64) + "x"
+			ratio = strconv.FormatFloat(float64(s.pct(50))/float64(base), 'f', 2, 64) + "x"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", s.name, len(s.samples), ms(s.pct(0.5)), ms(s.pct(0.99)), ms(s.pct(0)), ratio)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", s.name, len(s.samples), ms(s.pct(50)), ms(s.pct(99)), ms(s.pct(0)), ratio)
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "guest RAM %d MiB, 1 vCPU; host /dev/kvm %s\n", memMiB, hostKVMKind())
@@ -227,114 +213,6 @@ func hostKVMKind() string {
 		}
 	}
 	return "unknown"
-}
-
-// makeCrunBundle builds an OCI bundle whose rootfs holds busybox-static
-// as /bin/true.
-func makeCrunBundle(dir string) (string, error) {
-	if _, err := exec.LookPath("crun"); err != nil {
-		return "", fmt.Errorf("crun not installed")
-	}
-	bb := ""
-	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
-		if out, err := exec.Command("file", "-L", p).Output(); err == nil && (strings.Contains(string(out), "statically linked") || strings.Contains(string(out), "static-pie")) {
-			bb = p
-			break
-		}
-	}
-	if bb == "" {
-		return "", fmt.Errorf("no static busybox (apt install busybox-static)")
-	}
-	bundle := filepath.Join(dir, "bundle")
-	rootfs := filepath.Join(bundle, "rootfs")
-	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
-		return "", err
-	}
-	for _, d := range []string{"proc", "dev", "sys", "tmp"} {
-		os.MkdirAll(filepath.Join(rootfs, d), 0o755)
-	}
-	data, err := os.ReadFile(bb)
-	if err != nil {
-		return "", err
-	}
-	if err := os.WriteFile(filepath.Join(rootfs, "bin", "busybox"), data, 0o755); err != nil {
-		return "", err
-	}
-	if err := os.Symlink("busybox", filepath.Join(rootfs, "bin", "true")); err != nil {
-		return "", err
-	}
-	c := exec.Command("crun", "spec")
-	c.Dir = bundle
-	if out, err := c.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("crun spec: %v: %s", err, out)
-	}
-	path := filepath.Join(bundle, "config.json")
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	var spec map[string]any
-	if err := json.Unmarshal(raw, &spec); err != nil {
-		return "", err
-	}
-	proc, _ := spec["process"].(map[string]any)
-	if proc == nil {
-		return "", fmt.Errorf("crun spec: no process")
-	}
-	proc["args"] = []string{"/bin/true"}
-	proc["terminal"] = false
-	raw, _ = json.MarshalIndent(spec, "", "  ")
-	return bundle, os.WriteFile(path, raw, 0o644)
-}
-
-// runCrunHelper re-executes this binary in a new mount namespace, where
-// it mounts cgroup2 and times crun.
-func runCrunHelper(bin, bundle string, runs int) ([]time.Duration, error) {
-	c := exec.Command(bin, "bench", "vmm", "--crun-helper", bundle, "--runs", strconv.Itoa(runs))
-	c.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWNS}
-	out, err := c.Output()
-	if err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			return nil, fmt.Errorf("crun helper: %v: %s", err, ee.Stderr)
-		}
-		return nil, err
-	}
-	var ns []int64
-	if err := json.Unmarshal(out, &ns); err != nil {
-		return nil, fmt.Errorf("crun helper output: %w", err)
-	}
-	d := make([]time.Duration, len(ns))
-	for i, v := range ns {
-		d[i] = time.Duration(v)
-	}
-	return d, nil
-}
-
-func crunHelperMain(w io.Writer, bundle string, runs int) error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("private mounts: %w", err)
-	}
-	if err := unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, ""); err != nil {
-		return fmt.Errorf("mount cgroup2: %w", err)
-	}
-	root, err := os.MkdirTemp("", "crun-root-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(root)
-	var out []int64
-	for i := 0; i < runs; i++ {
-		id := fmt.Sprintf("cube-bench-%d-%d", os.Getpid(), i)
-		c := exec.Command("crun", "--root", root, "--cgroup-manager=disabled", "run", "--bundle", bundle, id)
-		start := time.Now()
-		b, err := c.CombinedOutput()
-		d := time.Since(start)
-		if err != nil {
-			return fmt.Errorf("crun run: %v: %s", err, b)
-		}
-		out = append(out, int64(d))
-	}
-	return json.NewEncoder(w).Encode(out)
 }
 
 // agentBench boots a real guest with cube-agent as init and times exec

@@ -253,11 +253,7 @@ func (c *vmmController) Status() vmmapi.Status {
 func (c *vmmController) VCPUs() ([]vmmapi.VCPURegs, error) { return vmmapi.ReadVCPUs(c.m.VM) }
 
 func (c *vmmController) Metrics() vmmapi.Metrics {
-	ms := c.m.VM.MetricsSnapshot()
-	out := vmmapi.Metrics{
-		State: ms.State, UptimeSeconds: ms.UptimeSeconds, Exits: ms.Exits, PIOUnhandled: ms.PIOUnhandled,
-		MMIOUnhandled: ms.MMIOUnhandled, Pauses: ms.Pauses, Notifies: ms.Notifies, VCPUs: ms.VCPUs, MemBytes: ms.MemBytes,
-	}
+	out := vmmapi.Metrics{Snapshot: c.m.VM.MetricsSnapshot()}
 	if c.statm != nil {
 		var b [128]byte
 		if n, err := c.statm.ReadAt(b[:], 0); n > 0 && (err == nil || err == io.EOF) {

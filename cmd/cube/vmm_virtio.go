@@ -3,14 +3,12 @@
 package main
 
 import (
-	"fmt"
 	"log/slog"
 	"net"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/errs"
-	"github.com/cubesandbox/cube/internal/vmm/devices"
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio/blk"
 	vnet "github.com/cubesandbox/cube/internal/vmm/devices/virtio/net"
@@ -18,6 +16,7 @@ import (
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio/vsock"
 	"github.com/cubesandbox/cube/internal/vmm/machine"
 	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
+	"github.com/cubesandbox/cube/internal/vmm/vmmspec"
 )
 
 // DefaultMAC is the guest MAC when --mac is not given (locally
@@ -39,30 +38,17 @@ func virtioDevices(o vmmapi.Options, log *slog.Logger) (_ []machine.VirtioDevice
 		}
 	}()
 	transport := func(name string, dev virtio.Device, closeFn func() error) {
-		out = append(out, machine.VirtioDevice{
-			Name: name,
-			Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
-				return virtio.NewTransport(dev, mem, irq, virtio.Options{Log: log.With("device", name)}), nil
-			},
-			Close: closeFn,
-		})
+		vd := vmmspec.Transport(name, dev, log.With("device", name))
+		vd.Close = closeFn
+		out = append(out, vd)
 		if closeFn != nil {
 			closers = append(closers, closeFn)
 		}
 	}
 	for i, d := range o.Disks {
-		var disk blk.Disk
-		if d.Overlay != "" {
-			disk, err = blk.OpenOverlay(d.Base, d.Overlay)
-		} else {
-			disk, err = blk.OpenFile(d.Base, true)
-		}
+		disk, id, err := vmmspec.OpenDisk(i, d)
 		if err != nil {
 			return nil, errs.Wrap(errs.InvalidArgument, err, "disk %d", i)
-		}
-		id := d.ID
-		if id == "" {
-			id = fmt.Sprintf("disk%d", i)
 		}
 		transport("blk-"+id, blk.New(disk, id), disk.Close)
 	}

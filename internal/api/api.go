@@ -334,9 +334,16 @@ func (a *API) get(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 }
 
 func (a *API) kill(w http.ResponseWriter, r *http.Request, key store.APIKey) {
-	_, n, err := a.own(r.Context(), key, r.PathValue("id"))
+	a.onNode(w, r, key, func(n master.Node, id string) error { return n.Kill(r.Context(), id) })
+}
+
+// onNode runs op on the node holding the caller's sandbox named in the
+// path and replies 204 No Content, or the error.
+func (a *API) onNode(w http.ResponseWriter, r *http.Request, key store.APIKey, op func(n master.Node, id string) error) {
+	id := r.PathValue("id")
+	_, n, err := a.own(r.Context(), key, id)
 	if err == nil {
-		err = n.Kill(r.Context(), r.PathValue("id"))
+		err = op(n, id)
 	}
 	if err != nil {
 		writeErr(w, r, err)
@@ -356,15 +363,10 @@ func (a *API) connect(w http.ResponseWriter, r *http.Request, key store.APIKey) 
 		writeErr(w, r, err)
 		return
 	}
-	timeout := a.cfg.DefaultTimeout
-	if body.Timeout != nil {
-		if err := checkTimeout("timeout", *body.Timeout); err != nil {
-			writeErr(w, r, err)
-			return
-		}
-		if *body.Timeout > 0 {
-			timeout = time.Duration(*body.Timeout) * time.Second
-		}
+	timeout, err := timeoutOr(body.Timeout, a.cfg.DefaultTimeout)
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
 	id := r.PathValue("id")
 	_, n, err := a.own(r.Context(), key, id)
@@ -384,22 +386,27 @@ func (a *API) connect(w http.ResponseWriter, r *http.Request, key store.APIKey) 
 	writeJSON(w, status, a.sandboxBody(sb))
 }
 
+// timeoutOr is the checked timeout t in seconds, def when t is absent or 0.
+func timeoutOr(t *int64, def time.Duration) (time.Duration, error) {
+	if t == nil {
+		return def, nil
+	}
+	if err := checkTimeout("timeout", *t); err != nil {
+		return 0, err
+	}
+	if *t > 0 {
+		return time.Duration(*t) * time.Second, nil
+	}
+	return def, nil
+}
+
 func (a *API) pause(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 	var body timeoutBody
 	if err := decode(r, &body, true); err != nil {
 		writeErr(w, r, err)
 		return
 	}
-	id := r.PathValue("id")
-	_, n, err := a.own(r.Context(), key, id)
-	if err == nil {
-		err = n.Pause(r.Context(), id)
-	}
-	if err != nil {
-		writeErr(w, r, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
+	a.onNode(w, r, key, func(n master.Node, id string) error { return n.Pause(r.Context(), id) })
 }
 
 func (a *API) resume(w http.ResponseWriter, r *http.Request, key store.APIKey) {
@@ -412,15 +419,10 @@ func (a *API) resume(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		writeErr(w, r, err)
 		return
 	}
-	timeout := 15 * time.Second
-	if body.Timeout != nil {
-		if err := checkTimeout("timeout", *body.Timeout); err != nil {
-			writeErr(w, r, err)
-			return
-		}
-		if *body.Timeout > 0 {
-			timeout = time.Duration(*body.Timeout) * time.Second
-		}
+	timeout, err := timeoutOr(body.Timeout, 15*time.Second)
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
 	id := r.PathValue("id")
 	_, n, err := a.own(r.Context(), key, id)
@@ -450,16 +452,9 @@ func (a *API) setTimeout(w http.ResponseWriter, r *http.Request, key store.APIKe
 		writeErr(w, r, err)
 		return
 	}
-	id := r.PathValue("id")
-	_, n, err := a.own(r.Context(), key, id)
-	if err == nil {
-		err = n.SetTimeout(r.Context(), id, time.Duration(*body.Timeout)*time.Second)
-	}
-	if err != nil {
-		writeErr(w, r, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
+	a.onNode(w, r, key, func(n master.Node, id string) error {
+		return n.SetTimeout(r.Context(), id, time.Duration(*body.Timeout)*time.Second)
+	})
 }
 
 func (a *API) refresh(w http.ResponseWriter, r *http.Request, key store.APIKey) {
@@ -478,16 +473,7 @@ func (a *API) refresh(w http.ResponseWriter, r *http.Request, key store.APIKey) 
 		}
 		d = time.Duration(*body.Duration) * time.Second
 	}
-	id := r.PathValue("id")
-	_, n, err := a.own(r.Context(), key, id)
-	if err == nil {
-		err = n.Refresh(r.Context(), id, d)
-	}
-	if err != nil {
-		writeErr(w, r, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
+	a.onNode(w, r, key, func(n master.Node, id string) error { return n.Refresh(r.Context(), id, d) })
 }
 
 // parseMetadataQuery decodes E2B's double-encoded metadata filter
@@ -544,14 +530,12 @@ func (a *API) listV2(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		return
 	}
 	f := store.SandboxFilter{KeyID: key.ID, Metadata: md, States: states, Template: q.Get("template"), Limit: 100, Cursor: q.Get("nextToken")}
-	if v := q.Get("limit"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 100 {
-			writeErr(w, r, errs.E(errs.InvalidArgument, "limit must be an integer from 1 to 100"))
-			return
-		}
-		f.Limit = n
+	limit, err := queryInt(q, "limit", int64(f.Limit), 1, 100, "limit must be an integer from 1 to 100")
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
+	f.Limit = int(limit)
 	switch q.Get("order") {
 	case "", "desc":
 	case "asc":
@@ -614,6 +598,20 @@ func eventEntry(e *store.Event) SandboxLogEntry {
 		Fields: map[string]string{"event": e.Kind, "from": string(e.From), "to": string(e.To), "id": e.ID}}
 }
 
+// queryInt parses the query parameter name as an integer from lo to hi
+// (def when it is absent); anything else is an InvalidArgument error msg.
+func queryInt(q url.Values, name string, def, lo, hi int64, msg string) (int64, error) {
+	v := q.Get(name)
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < lo || n > hi {
+		return 0, errs.E(errs.InvalidArgument, "%s", msg)
+	}
+	return n, nil
+}
+
 func (a *API) logsV1(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 	id := r.PathValue("id")
 	if _, err := a.history(r.Context(), key, id); err != nil {
@@ -621,23 +619,15 @@ func (a *API) logsV1(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		return
 	}
 	q := r.URL.Query()
-	limit := 1000
-	if v := q.Get("limit"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			writeErr(w, r, errs.E(errs.InvalidArgument, "limit must be a non-negative integer"))
-			return
-		}
-		limit = n
+	limit, err := queryInt(q, "limit", 1000, 0, math.MaxInt64, "limit must be a non-negative integer")
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
-	var startMS int64
-	if v := q.Get("start"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 0 {
-			writeErr(w, r, errs.E(errs.InvalidArgument, "start must be a Unix time in milliseconds"))
-			return
-		}
-		startMS = n
+	startMS, err := queryInt(q, "start", 0, 0, math.MaxInt64, "start must be a Unix time in milliseconds")
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
 	evs, err := a.st.ListEvents(r.Context(), id, "", false, 0)
 	if err != nil {
@@ -649,7 +639,7 @@ func (a *API) logsV1(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		LogEntries []SandboxLogEntry `json:"logEntries"`
 	}{Logs: []SandboxLog{}, LogEntries: []SandboxLogEntry{}}
 	for _, e := range evs {
-		if e.At.UnixMilli() < startMS || len(out.Logs) >= limit {
+		if e.At.UnixMilli() < startMS || int64(len(out.Logs)) >= limit {
 			continue
 		}
 		out.Logs = append(out.Logs, SandboxLog{Timestamp: e.At, Line: eventText(e)})
@@ -665,14 +655,10 @@ func (a *API) logsV2(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		return
 	}
 	q := r.URL.Query()
-	limit := 1000
-	if v := q.Get("limit"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 1000 {
-			writeErr(w, r, errs.E(errs.InvalidArgument, "limit must be an integer from 1 to 1000"))
-			return
-		}
-		limit = n
+	limit, err := queryInt(q, "limit", 1000, 1, 1000, "limit must be an integer from 1 to 1000")
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
 	desc := false
 	switch q.Get("direction") {
@@ -683,14 +669,10 @@ func (a *API) logsV2(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		writeErr(w, r, errs.E(errs.InvalidArgument, "direction must be forward or backward"))
 		return
 	}
-	var cursorMS int64 = -1
-	if v := q.Get("cursor"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 0 {
-			writeErr(w, r, errs.E(errs.InvalidArgument, "cursor must be a Unix time in milliseconds"))
-			return
-		}
-		cursorMS = n
+	cursorMS, err := queryInt(q, "cursor", -1, 0, math.MaxInt64, "cursor must be a Unix time in milliseconds")
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
 	evs, err := a.st.ListEvents(r.Context(), id, "", desc, 0)
 	if err != nil {
@@ -705,7 +687,7 @@ func (a *API) logsV2(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 		if cursorMS >= 0 && ((!desc && at < cursorMS) || (desc && at > cursorMS)) {
 			continue
 		}
-		if len(out.Logs) >= limit {
+		if int64(len(out.Logs)) >= limit {
 			break
 		}
 		out.Logs = append(out.Logs, eventEntry(e))
@@ -731,11 +713,9 @@ func (a *API) metricsOne(w http.ResponseWriter, r *http.Request, key store.APIKe
 		return
 	}
 	for _, p := range []string{"start", "end"} {
-		if v := r.URL.Query().Get(p); v != "" {
-			if _, err := strconv.ParseInt(v, 10, 64); err != nil {
-				writeErr(w, r, errs.E(errs.InvalidArgument, "%s must be a Unix time in seconds", p))
-				return
-			}
+		if _, err := queryInt(r.URL.Query(), p, 0, math.MinInt64, math.MaxInt64, p+" must be a Unix time in seconds"); err != nil {
+			writeErr(w, r, err)
+			return
 		}
 	}
 	out := []SandboxMetric{}

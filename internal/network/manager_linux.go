@@ -531,6 +531,21 @@ func (m *Manager) get(id string) (*slot, error) {
 	return s, nil
 }
 
+// lockActive returns slot id with its lock held, or NotFound when the
+// slot is unknown or released.
+func (m *Manager) lockActive(id string) (*slot, error) {
+	s, err := m.get(id)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if s.released {
+		s.mu.Unlock()
+		return nil, errs.E(errs.NotFound, "network slot %q not found", id)
+	}
+	return s, nil
+}
+
 // ValidatePolicy checks p without applying it (InvalidArgument on bad input).
 func ValidatePolicy(p Policy) error {
 	_, err := compile(p)
@@ -545,15 +560,11 @@ func (m *Manager) SetPolicy(id string, p Policy) error {
 	if err != nil {
 		return err
 	}
-	s, err := m.get(id)
+	s, err := m.lockActive(id)
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.released {
-		return errs.E(errs.NotFound, "network slot %q not found", id)
-	}
 	return m.applyPolicy(s, p, comp)
 }
 
@@ -695,15 +706,11 @@ func (m *Manager) wipe(s *slot) error {
 // sandbox process in a slot that has been used (restore after pause, a
 // second runsc). Release does it anyway. No-op in tap mode.
 func (m *Manager) PrepareGuest(id string) error {
-	s, err := m.get(id)
+	s, err := m.lockActive(id)
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.released {
-		return errs.E(errs.NotFound, "network slot %q not found", id)
-	}
 	if s.mode != ModeNetns {
 		return nil
 	}

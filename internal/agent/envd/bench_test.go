@@ -14,27 +14,19 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
 
+	"github.com/cubesandbox/cube/internal/agent/agenttest"
 	"github.com/cubesandbox/cube/proto/process/processconnect"
 )
 
 // latencies records per-iteration durations and reports p50/p99.
 type latencies []time.Duration
 
-func (l latencies) report(b *testing.B) {
-	if len(l) == 0 {
-		return
-	}
-	sort.Slice(l, func(i, j int) bool { return l[i] < l[j] })
-	p := func(q float64) float64 { return float64(l[int(q*float64(len(l)-1))].Microseconds()) }
-	b.ReportMetric(p(0.50), "p50-us")
-	b.ReportMetric(p(0.99), "p99-us")
-}
+func (l latencies) report(b *testing.B) { agenttest.ReportLatencies(b, l) }
 
 func benchEnv(b *testing.B) (*Server, string) {
 	s := New(Options{DefaultUser: "root"})

@@ -55,13 +55,19 @@ func (s *Server) filesAuth(r *http.Request, op, path, username string) error {
 	return nil
 }
 
+// filesUser checks a /files request's authorization for op and resolves
+// its username.
+func (s *Server) filesUser(r *http.Request, op string) (*User, error) {
+	q := r.URL.Query()
+	if err := s.filesAuth(r, op, q.Get("path"), q.Get("username")); err != nil {
+		return nil, err
+	}
+	return s.resolveUser(q.Get("username"))
+}
+
 func (s *Server) handleFilesGet(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	if err := s.filesAuth(r, "read", q.Get("path"), q.Get("username")); err != nil {
-		writeJSONError(w, err)
-		return
-	}
-	u, err := s.resolveUser(q.Get("username"))
+	u, err := s.filesUser(r, "read")
 	if err != nil {
 		writeJSONError(w, err)
 		return
@@ -147,11 +153,7 @@ func rawFilename(p *multipart.Part) string {
 
 func (s *Server) handleFilesPost(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	if err := s.filesAuth(r, "write", q.Get("path"), q.Get("username")); err != nil {
-		writeJSONError(w, err)
-		return
-	}
-	u, err := s.resolveUser(q.Get("username"))
+	u, err := s.filesUser(r, "write")
 	if err != nil {
 		writeJSONError(w, err)
 		return

@@ -47,21 +47,18 @@ func upload(t *testing.T, base, query string, files map[string][]byte, hdr map[s
 	body, ct := multipartBody(t, files)
 	req, _ := http.NewRequest("POST", base+"/files"+query, body)
 	req.Header.Set("Content-Type", ct)
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	b, _ := io.ReadAll(res.Body)
-	return res, b
+	return doFiles(t, req, hdr)
 }
 
 func download(t *testing.T, base, query string, hdr map[string]string) (*http.Response, []byte) {
 	t.Helper()
 	req, _ := http.NewRequest("GET", base+"/files"+query, nil)
+	return doFiles(t, req, hdr)
+}
+
+// doFiles sends req with the extra headers hdr and reads the whole reply.
+func doFiles(t *testing.T, req *http.Request, hdr map[string]string) (*http.Response, []byte) {
+	t.Helper()
 	for k, v := range hdr {
 		req.Header.Set(k, v)
 	}

@@ -31,30 +31,38 @@ var (
 )
 
 func ownerName(uid uint32) string {
-	nameCacheMu.Lock()
-	defer nameCacheMu.Unlock()
-	if n, ok := userNames[uid]; ok {
-		return n
-	}
-	n := strconv.FormatUint(uint64(uid), 10)
-	if u, err := user.LookupId(n); err == nil {
-		n = u.Username
-	}
-	userNames[uid] = n
-	return n
+	return cachedName(userNames, uid, func(id string) (string, error) {
+		u, err := user.LookupId(id)
+		if err != nil {
+			return "", err
+		}
+		return u.Username, nil
+	})
 }
 
 func groupName(gid uint32) string {
+	return cachedName(groupNames, gid, func(id string) (string, error) {
+		g, err := user.LookupGroupId(id)
+		if err != nil {
+			return "", err
+		}
+		return g.Name, nil
+	})
+}
+
+// cachedName returns the name lookup finds for id (the number itself when
+// lookup fails), remembering it in cache.
+func cachedName(cache map[uint32]string, id uint32, lookup func(string) (string, error)) string {
 	nameCacheMu.Lock()
 	defer nameCacheMu.Unlock()
-	if n, ok := groupNames[gid]; ok {
+	if n, ok := cache[id]; ok {
 		return n
 	}
-	n := strconv.FormatUint(uint64(gid), 10)
-	if g, err := user.LookupGroupId(n); err == nil {
-		n = g.Name
+	n := strconv.FormatUint(uint64(id), 10)
+	if name, err := lookup(n); err == nil {
+		n = name
 	}
-	groupNames[gid] = n
+	cache[id] = n
 	return n
 }
 
@@ -116,12 +124,21 @@ func (fsvc *filesystemService) userFor(h interface{ Get(string) string }) (*User
 	return fsvc.s.resolveUser(name)
 }
 
-func (fsvc *filesystemService) Stat(ctx context.Context, req *connect.Request[pb.StatRequest]) (*connect.Response[pb.StatResponse], error) {
-	u, err := fsvc.userFor(req.Header())
+// userPath resolves the Basic-auth user of a request and path as that user sees it.
+func (fsvc *filesystemService) userPath(h interface{ Get(string) string }, path string) (*User, string, error) {
+	u, err := fsvc.userFor(h)
 	if err != nil {
-		return nil, connectErr(err)
+		return nil, "", err
 	}
-	p, err := resolvePath(req.Msg.Path, u)
+	p, err := resolvePath(path, u)
+	if err != nil {
+		return nil, "", err
+	}
+	return u, p, nil
+}
+
+func (fsvc *filesystemService) Stat(ctx context.Context, req *connect.Request[pb.StatRequest]) (*connect.Response[pb.StatResponse], error) {
+	u, p, err := fsvc.userPath(req.Header(), req.Msg.Path)
 	if err != nil {
 		return nil, connectErr(err)
 	}
@@ -134,11 +151,7 @@ func (fsvc *filesystemService) Stat(ctx context.Context, req *connect.Request[pb
 }
 
 func (fsvc *filesystemService) MakeDir(ctx context.Context, req *connect.Request[pb.MakeDirRequest]) (*connect.Response[pb.MakeDirResponse], error) {
-	u, err := fsvc.userFor(req.Header())
-	if err != nil {
-		return nil, connectErr(err)
-	}
-	p, err := resolvePath(req.Msg.Path, u)
+	u, p, err := fsvc.userPath(req.Header(), req.Msg.Path)
 	if err != nil {
 		return nil, connectErr(err)
 	}
@@ -159,11 +172,7 @@ func (fsvc *filesystemService) MakeDir(ctx context.Context, req *connect.Request
 }
 
 func (fsvc *filesystemService) Move(ctx context.Context, req *connect.Request[pb.MoveRequest]) (*connect.Response[pb.MoveResponse], error) {
-	u, err := fsvc.userFor(req.Header())
-	if err != nil {
-		return nil, connectErr(err)
-	}
-	src, err := resolvePath(req.Msg.Source, u)
+	u, src, err := fsvc.userPath(req.Header(), req.Msg.Source)
 	if err != nil {
 		return nil, connectErr(err)
 	}
@@ -188,11 +197,7 @@ func (fsvc *filesystemService) Move(ctx context.Context, req *connect.Request[pb
 }
 
 func (fsvc *filesystemService) ListDir(ctx context.Context, req *connect.Request[pb.ListDirRequest]) (*connect.Response[pb.ListDirResponse], error) {
-	u, err := fsvc.userFor(req.Header())
-	if err != nil {
-		return nil, connectErr(err)
-	}
-	p, err := resolvePath(req.Msg.Path, u)
+	u, p, err := fsvc.userPath(req.Header(), req.Msg.Path)
 	if err != nil {
 		return nil, connectErr(err)
 	}
@@ -249,11 +254,7 @@ func (fsvc *filesystemService) ListDir(ctx context.Context, req *connect.Request
 }
 
 func (fsvc *filesystemService) Remove(ctx context.Context, req *connect.Request[pb.RemoveRequest]) (*connect.Response[pb.RemoveResponse], error) {
-	u, err := fsvc.userFor(req.Header())
-	if err != nil {
-		return nil, connectErr(err)
-	}
-	p, err := resolvePath(req.Msg.Path, u)
+	u, p, err := fsvc.userPath(req.Header(), req.Msg.Path)
 	if err != nil {
 		return nil, connectErr(err)
 	}
@@ -268,11 +269,7 @@ func (fsvc *filesystemService) Remove(ctx context.Context, req *connect.Request[
 
 // watchTarget validates a directory to watch.
 func (fsvc *filesystemService) watchTarget(h interface{ Get(string) string }, path string) (string, error) {
-	u, err := fsvc.userFor(h)
-	if err != nil {
-		return "", err
-	}
-	p, err := resolvePath(path, u)
+	u, p, err := fsvc.userPath(h, path)
 	if err != nil {
 		return "", err
 	}

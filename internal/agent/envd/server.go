@@ -207,30 +207,7 @@ func connectErr(err error) error {
 		return nil
 	}
 	var code connect.Code
-	switch errs.KindOf(err) {
-	case errs.InvalidArgument:
-		code = connect.CodeInvalidArgument
-	case errs.FailedPrecondition:
-		code = connect.CodeFailedPrecondition
-	case errs.Unauthenticated:
-		code = connect.CodeUnauthenticated
-	case errs.PermissionDenied:
-		code = connect.CodePermissionDenied
-	case errs.NotFound:
-		code = connect.CodeNotFound
-	case errs.AlreadyExists, errs.Conflict:
-		code = connect.CodeAlreadyExists
-	case errs.ResourceExhausted, errs.TooLarge:
-		code = connect.CodeResourceExhausted
-	case errs.Unavailable:
-		code = connect.CodeUnavailable
-	case errs.Timeout:
-		code = connect.CodeDeadlineExceeded
-	case errs.Canceled:
-		code = connect.CodeCanceled
-	case errs.Unimplemented:
-		code = connect.CodeUnimplemented
-	default:
+	if code.UnmarshalText([]byte(errs.ConnectCode(errs.KindOf(err)))) != nil {
 		code = connect.CodeInternal
 	}
 	return connect.NewError(code, errorString(errs.Message(err)))

@@ -6,23 +6,17 @@ import (
 	"io"
 	"net/http"
 	"os/exec"
-	"sort"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cubesandbox/cube/internal/agent/agenttest"
 )
 
+// latencies records per-iteration durations and reports p50/p99.
 type latencies []time.Duration
 
-func (l latencies) report(b *testing.B) {
-	if len(l) == 0 {
-		return
-	}
-	sort.Slice(l, func(i, j int) bool { return l[i] < l[j] })
-	p := func(q float64) float64 { return float64(l[int(q*float64(len(l)-1))].Microseconds()) }
-	b.ReportMetric(p(0.50), "p50-us")
-	b.ReportMetric(p(0.99), "p99-us")
-}
+func (l latencies) report(b *testing.B) { agenttest.ReportLatencies(b, l) }
 
 // BenchmarkRunCode1Plus1 is the SDK's runCode("1+1"): POST /execute on
 // loopback to a warm ipykernel, reading the NDJSON stream to its end.

@@ -198,12 +198,9 @@ func (c *Controller) Status() vmmapi.Status {
 func (c *Controller) Metrics() vmmapi.Metrics {
 	m := c.Machine()
 	if m == nil {
-		return vmmapi.Metrics{State: "created"}
+		return vmmapi.Metrics{Snapshot: vm.Snapshot{State: "created"}}
 	}
-	s := m.VM.MetricsSnapshot()
-	return vmmapi.Metrics{State: s.State, UptimeSeconds: s.UptimeSeconds, Exits: s.Exits,
-		PIOUnhandled: s.PIOUnhandled, MMIOUnhandled: s.MMIOUnhandled, Pauses: s.Pauses,
-		VCPUs: s.VCPUs, MemBytes: s.MemBytes}
+	return vmmapi.Metrics{Snapshot: m.VM.MetricsSnapshot()}
 }
 
 // Snapshot writes a snapshot of the running VM (full, or a diff layer

@@ -90,17 +90,11 @@ func TakeDiff(v *vm.VM, fromDir string, base *State, dir string, o Options) (*Di
 	if v.Mem.Mode() != vm.MemFilePrivate {
 		return nil, errs.E(errs.FailedPrecondition, "diff snapshot: vm memory is not a private file mapping")
 	}
-	resume, err := quiesce(v)
+	s, done, err := captureQuiesced(v, o)
 	if err != nil {
 		return nil, err
 	}
-	defer func() { resume(o.Resume) }()
-	s, err := Capture(v)
-	if err != nil {
-		return nil, err
-	}
-	s.Meta.Created = time.Now().UTC().Format(time.RFC3339Nano)
-	s.Meta.Labels = o.Labels
+	defer done()
 	runs, err := DirtyRuns(v.Mem.Host())
 	if err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "diff snapshot: %v", err)

@@ -294,17 +294,11 @@ type Options struct {
 // dir (state file and memory file) and then resumes it or leaves it
 // paused. dir is created; existing files there are replaced atomically.
 func Take(v *vm.VM, dir string, o Options) (*State, error) {
-	resume, err := quiesce(v)
+	s, done, err := captureQuiesced(v, o)
 	if err != nil {
 		return nil, err
 	}
-	defer func() { resume(o.Resume) }()
-	s, err := Capture(v)
-	if err != nil {
-		return nil, err
-	}
-	s.Meta.Created = time.Now().UTC().Format(time.RFC3339Nano)
-	s.Meta.Labels = o.Labels
+	defer done()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "snapshot dir %s: %v", dir, err)
 	}
@@ -315,6 +309,23 @@ func Take(v *vm.VM, dir string, o Options) (*State, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// captureQuiesced quiesces v (see quiesce) and captures its state, stamped
+// with the time and o's labels; done ends the quiescence as o asks.
+func captureQuiesced(v *vm.VM, o Options) (s *State, done func(), err error) {
+	resume, err := quiesce(v)
+	if err != nil {
+		return nil, nil, err
+	}
+	done = func() { resume(o.Resume) }
+	if s, err = Capture(v); err != nil {
+		done()
+		return nil, nil, err
+	}
+	s.Meta.Created = time.Now().UTC().Format(time.RFC3339Nano)
+	s.Meta.Labels = o.Labels
+	return s, done, nil
 }
 
 // quiesce pauses the vCPUs and devices; the returned func undoes it.

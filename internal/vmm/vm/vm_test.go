@@ -259,16 +259,7 @@ func TestSpinningGuestPauseResumeStop(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	done := make(chan Result, 1)
-	go func() { done <- v.Stop() }()
-	select {
-	case r := <-done:
-		if r.Outcome != OutcomeStopped {
-			t.Fatalf("result %+v", r)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("spinning guest was not stopped")
-	}
+	stopWithin(t, v, 10*time.Second, "spinning guest was not stopped")
 	if v.State() != StateStopped {
 		t.Fatalf("state %s", v.State())
 	}
@@ -453,6 +444,16 @@ func TestPauseResumeStress(t *testing.T) {
 		for v.Pause() == nil && v.Resume() == nil {
 		}
 	}()
+	stopWithin(t, v, 20*time.Second, "stop racing pause/resume hung")
+	if v.Metrics.Pauses.Load() < 200 {
+		t.Fatalf("pauses %d", v.Metrics.Pauses.Load())
+	}
+}
+
+// stopWithin stops v and fails the test with msg unless it stops, with
+// outcome stopped, within d.
+func stopWithin(t *testing.T, v *VM, d time.Duration, msg string) {
+	t.Helper()
 	done := make(chan Result, 1)
 	go func() { done <- v.Stop() }()
 	select {
@@ -460,10 +461,7 @@ func TestPauseResumeStress(t *testing.T) {
 		if r.Outcome != OutcomeStopped {
 			t.Fatalf("result %+v", r)
 		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("stop racing pause/resume hung")
-	}
-	if v.Metrics.Pauses.Load() < 200 {
-		t.Fatalf("pauses %d", v.Metrics.Pauses.Load())
+	case <-time.After(d):
+		t.Fatal(msg)
 	}
 }

@@ -16,6 +16,8 @@ package vmmapi
 // Errors are {"error": {"kind": "...", "message": "..."}} with the HTTP
 // status of the errs kind.
 
+import "github.com/cubesandbox/cube/internal/vmm/vm"
+
 // Result says why the VM stopped.
 type Result struct {
 	Outcome string `json:"outcome"` // stopped | shutdown | halted | crashed
@@ -33,18 +35,11 @@ type Status struct {
 	Result  *Result `json:"result,omitempty"`
 }
 
-// Metrics are the VM's counters.
+// Metrics are the VM's counters (vm.Snapshot's fields, flattened in
+// JSON) and the VMM process's resident memory.
 type Metrics struct {
-	State         string            `json:"state"`
-	UptimeSeconds float64           `json:"uptime_seconds"`
-	Exits         map[string]uint64 `json:"exits"`
-	PIOUnhandled  uint64            `json:"pio_unhandled"`
-	MMIOUnhandled uint64            `json:"mmio_unhandled"`
-	Pauses        uint64            `json:"pauses"`
-	Notifies      uint64            `json:"ioeventfd_notifies"`
-	VCPUs         int               `json:"vcpus"`
-	MemBytes      uint64            `json:"mem_bytes"`
-	RSSBytes      uint64            `json:"rss_bytes"`
+	vm.Snapshot
+	RSSBytes uint64 `json:"rss_bytes"`
 }
 
 // VCPURegs is a debugging view of one vCPU (GET /debug/vcpus).

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/vmm/vm"
 )
 
 func TestDiskParse(t *testing.T) {
@@ -52,7 +53,7 @@ func (f *fakeCtl) Pause() error     { f.state = "paused"; return nil }
 func (f *fakeCtl) Resume() error    { f.state = "running"; return nil }
 func (f *fakeCtl) Stop() error      { f.state = "stopped"; return nil }
 func (f *fakeCtl) Status() Status   { return Status{State: f.state} }
-func (f *fakeCtl) Metrics() Metrics { return Metrics{State: f.state} }
+func (f *fakeCtl) Metrics() Metrics { return Metrics{Snapshot: vm.Snapshot{State: f.state}} }
 func (f *fakeCtl) VCPUs() ([]VCPURegs, error) {
 	return []VCPURegs{{ID: 0, RIP: 0x100000}}, nil
 }

@@ -81,6 +81,40 @@ func needKVM(t *testing.T) {
 	}
 }
 
+// vmmTest skips unless /dev/kvm (and, when jailed, root and cgroups) is
+// usable, and returns the cube binary, a directory every uid can use and
+// the path of guest written there as guest.bin.
+func vmmTest(t *testing.T, jailed bool, guest []byte) (bin, dir, kernel string) {
+	t.Helper()
+	needKVM(t)
+	if jailed {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root (namespaces, cgroups, uid drop)")
+		}
+		if err := jail.CgroupsAvailable(); err != nil {
+			t.Skipf("no usable cgroups: %v", err)
+		}
+	}
+	bin = cubeBinary(t)
+	dir = world(t)
+	kernel = filepath.Join(dir, "guest.bin")
+	if err := os.WriteFile(kernel, guest, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return bin, dir, kernel
+}
+
+// launch starts a VMM process that is killed when the test ends.
+func launch(t *testing.T, c LaunchConfig) *Process {
+	t.Helper()
+	p, err := Launch(context.Background(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Kill() })
+	return p
+}
+
 func waitFile(t *testing.T, path, want string) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
@@ -97,23 +131,15 @@ func waitFile(t *testing.T, path, want string) {
 }
 
 func TestProcessLifecycle(t *testing.T) {
-	needKVM(t)
-	bin := cubeBinary(t)
-	dir := world(t)
-	kernel := filepath.Join(dir, "guest.bin")
-	os.WriteFile(kernel, synth.Hello("process guest up\n"), 0o644)
+	bin, dir, kernel := vmmTest(t, false, synth.Hello("process guest up\n"))
 	serial := filepath.Join(dir, "serial.log")
 	result := filepath.Join(dir, "result.json")
 	sock := filepath.Join(dir, "api.sock")
 	ctx := context.Background()
-	p, err := Launch(ctx, LaunchConfig{
+	p := launch(t, LaunchConfig{
 		Binary: bin, Socket: sock, Stderr: os.Stderr,
 		Options: Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, SerialLog: serial, ResultFile: result, NoStart: true},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Kill()
 	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	st, err := p.Client.WaitReady(rctx)
@@ -162,23 +188,15 @@ func TestProcessLifecycle(t *testing.T) {
 }
 
 func TestProcessCrashExitCode(t *testing.T) {
-	needKVM(t)
-	bin := cubeBinary(t)
-	dir := world(t)
-	kernel := filepath.Join(dir, "guest.bin")
-	os.WriteFile(kernel, synth.TripleFault("about to fault"), 0o644)
+	bin, dir, kernel := vmmTest(t, false, synth.TripleFault("about to fault"))
 	result := filepath.Join(dir, "result.json")
-	p, err := Launch(context.Background(), LaunchConfig{
+	p := launch(t, LaunchConfig{
 		Binary: bin, Socket: filepath.Join(dir, "api.sock"),
 		Options: Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, ResultFile: result},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Kill()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	err = p.Wait(ctx)
+	err := p.Wait(ctx)
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != ExitCrashed {
 		t.Fatalf("exit %v, want code %d", err, ExitCrashed)
@@ -192,28 +210,14 @@ func TestProcessCrashExitCode(t *testing.T) {
 // TestProcessHardening launches a jailed VMM (new namespaces, own cgroup,
 // uid drop, seccomp) and inspects it through /proc.
 func TestProcessHardening(t *testing.T) {
-	needKVM(t)
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (namespaces, cgroups, uid drop)")
-	}
-	if err := jail.CgroupsAvailable(); err != nil {
-		t.Skipf("no usable cgroups: %v", err)
-	}
-	bin := cubeBinary(t)
-	dir := world(t)
-	kernel := filepath.Join(dir, "guest.bin")
-	os.WriteFile(kernel, synth.Hello("jailed guest up\n"), 0o644)
+	bin, dir, kernel := vmmTest(t, true, synth.Hello("jailed guest up\n"))
 	serial := filepath.Join(dir, "serial.log")
 	cgName := "test-" + strconv.Itoa(os.Getpid())
-	p, err := Launch(context.Background(), LaunchConfig{
+	p := launch(t, LaunchConfig{
 		Binary: bin, Socket: filepath.Join(dir, "api.sock"), Isolate: true, UID: 65534, GID: 65534, Cgroup: cgName,
 		Stderr:  os.Stderr,
 		Options: Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 2, SerialLog: serial},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Kill()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if _, err := p.Client.WaitReady(ctx); err != nil {
@@ -283,28 +287,20 @@ func TestProcessHardening(t *testing.T) {
 // and prints them, proving the devices are mapped where the command line
 // says, in a real process under the seccomp filter.
 func TestProcessVirtioDevices(t *testing.T) {
-	needKVM(t)
-	bin := cubeBinary(t)
-	dir := world(t)
 	a := synth.New(synth.LoadAddr)
 	for i := uint32(0); i < 3; i++ {
 		base := 0xd0000000 + i*0x1000
 		a.OutMMIO32(0x3f8, base).OutMMIO32(0x3f8, base+8)
 	}
-	kernel := filepath.Join(dir, "guest.bin")
-	os.WriteFile(kernel, a.OutStr(0x3f8, "\ndone\n").Spin().Bytes(), 0o644)
+	bin, dir, kernel := vmmTest(t, false, a.OutStr(0x3f8, "\ndone\n").Spin().Bytes())
 	disk := filepath.Join(dir, "base.img")
 	os.WriteFile(disk, make([]byte, 1<<20), 0o644)
 	serial := filepath.Join(dir, "serial.log")
-	p, err := Launch(context.Background(), LaunchConfig{
+	p := launch(t, LaunchConfig{
 		Binary: bin, Socket: filepath.Join(dir, "api.sock"), Stderr: os.Stderr,
 		Options: Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, SerialLog: serial,
 			Disks: []Disk{{Base: disk, Overlay: filepath.Join(dir, "overlay.cow")}}, VsockUDS: filepath.Join(dir, "vsock.sock"), VsockCID: 3, RNG: true},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Kill()
 	waitFile(t, serial, "done\n")
 	b, _ := os.ReadFile(serial)
 	want := "virt\x02\x00\x00\x00virt\x13\x00\x00\x00virt\x04\x00\x00\x00\ndone\n"
@@ -329,17 +325,7 @@ func TestProcessVirtioDevices(t *testing.T) {
 // the VMM creates and joins its cgroup, and under its seccomp filter
 // moves itself out and removes it on exit.
 func TestProcessSelfCgroup(t *testing.T) {
-	needKVM(t)
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for cgroups")
-	}
-	if err := jail.CgroupsAvailable(); err != nil {
-		t.Skipf("no usable cgroups: %v", err)
-	}
-	bin := cubeBinary(t)
-	dir := world(t)
-	kernel := filepath.Join(dir, "guest.bin")
-	os.WriteFile(kernel, synth.Hello("self cgroup\n"), 0o644)
+	bin, dir, kernel := vmmTest(t, true, synth.Hello("self cgroup\n"))
 	sock := filepath.Join(dir, "api.sock")
 	name := "self-" + strconv.Itoa(os.Getpid())
 	o := Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, APISocket: sock, Cgroup: name}
@@ -382,17 +368,7 @@ func TestProcessSelfCgroup(t *testing.T) {
 // Launch): the VMM it re-executes is in other namespaces and a cgroup,
 // and the outer process relays the VMM's exit.
 func TestProcessJailFlag(t *testing.T) {
-	needKVM(t)
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (namespaces, cgroups)")
-	}
-	if err := jail.CgroupsAvailable(); err != nil {
-		t.Skipf("no usable cgroups: %v", err)
-	}
-	bin := cubeBinary(t)
-	dir := world(t)
-	kernel := filepath.Join(dir, "guest.bin")
-	os.WriteFile(kernel, synth.TripleFault("jailed crash\n"), 0o644)
+	bin, dir, kernel := vmmTest(t, true, synth.TripleFault("jailed crash\n"))
 	sock := filepath.Join(dir, "api.sock")
 	o := Options{Kernel: kernel, KernelFormat: "raw", MemMiB: 32, VCPUs: 1, APISocket: sock, NoStart: true,
 		Cgroup: "jailflag-" + strconv.Itoa(os.Getpid())}

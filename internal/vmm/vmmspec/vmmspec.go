@@ -74,28 +74,12 @@ func Build(o vmmapi.Options, x Extra) (machine.Spec, func(), error) {
 		}
 	}
 	for i, d := range o.Disks {
-		var disk blk.Disk
-		if d.Overlay != "" {
-			ov, err := blk.OpenOverlay(d.Base, d.Overlay)
-			if err != nil {
-				return fail(fmt.Errorf("disk %d: %w", i, err))
-			}
-			closers = append(closers, ov)
-			disk = ov
-		} else {
-			f, err := blk.OpenFile(d.Base, true)
-			if err != nil {
-				return fail(fmt.Errorf("disk %d: %w", i, err))
-			}
-			closers = append(closers, f)
-			disk = f
+		disk, id, err := OpenDisk(i, d)
+		if err != nil {
+			return fail(fmt.Errorf("disk %d: %w", i, err))
 		}
-		id := d.ID
-		if id == "" {
-			id = fmt.Sprintf("disk%d", i)
-		}
-		dev := blk.New(disk, id)
-		s.Virtio = append(s.Virtio, transport("blk-"+id, dev, x.Log))
+		closers = append(closers, disk)
+		s.Virtio = append(s.Virtio, Transport("blk-"+id, blk.New(disk, id), x.Log))
 	}
 	tap := x.Tap
 	if tap == nil && o.TapFD > 0 {
@@ -116,7 +100,7 @@ func Build(o vmmapi.Options, x Extra) (machine.Spec, func(), error) {
 			return fail(err)
 		}
 		closers = append(closers, dev)
-		s.Virtio = append(s.Virtio, transport("net0", dev, x.Log))
+		s.Virtio = append(s.Virtio, Transport("net0", dev, x.Log))
 	}
 	if o.VsockUDS != "" {
 		cid := uint64(o.VsockCID)
@@ -128,15 +112,35 @@ func Build(o vmmapi.Options, x Extra) (machine.Spec, func(), error) {
 			return fail(err)
 		}
 		closers = append(closers, dev)
-		s.Virtio = append(s.Virtio, transport("vsock0", dev, x.Log))
+		s.Virtio = append(s.Virtio, Transport("vsock0", dev, x.Log))
 	}
 	if o.RNG {
-		s.Virtio = append(s.Virtio, transport("rng0", rng.New(), x.Log))
+		s.Virtio = append(s.Virtio, Transport("rng0", rng.New(), x.Log))
 	}
 	return s, cleanup, nil
 }
 
-func transport(name string, dev virtio.Device, log *slog.Logger) machine.VirtioDevice {
+// OpenDisk opens disk i of a VMM's options: the base image read-only
+// under its copy-on-write overlay, or read-only alone when it has none.
+// The id is the disk's, or disk<i>.
+func OpenDisk(i int, d vmmapi.Disk) (disk blk.Disk, id string, err error) {
+	if d.Overlay != "" {
+		disk, err = blk.OpenOverlay(d.Base, d.Overlay)
+	} else {
+		disk, err = blk.OpenFile(d.Base, true)
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	id = d.ID
+	if id == "" {
+		id = fmt.Sprintf("disk%d", i)
+	}
+	return disk, id, nil
+}
+
+// Transport is dev on a virtio-mmio transport, built when the machine is.
+func Transport(name string, dev virtio.Device, log *slog.Logger) machine.VirtioDevice {
 	return machine.VirtioDevice{Name: name, Build: func(mem devices.GuestMemory, irq devices.IRQLine) (devices.MMIODevice, error) {
 		return virtio.NewTransport(dev, mem, irq, virtio.Options{Log: log}), nil
 	}}

@@ -1,6 +1,7 @@
 package blk_test
 
 import (
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -24,12 +25,8 @@ func benchFiles(b *testing.B) (base string, ov *blk.Overlay, plain *os.File) {
 	if err := os.WriteFile(base, data, 0o644); err != nil {
 		b.Fatal(err)
 	}
-	ov, err := blk.OpenOverlay(base, filepath.Join(dir, "x.cow"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ov.Close() })
-	plain, err = os.OpenFile(base, os.O_RDWR, 0)
+	ov = scratchOverlay(b, base)
+	plain, err := os.OpenFile(base, os.O_RDWR, 0)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -84,21 +81,7 @@ func Benchmark4K(b *testing.B) {
 		})
 		b.Run(op+"/overlay", func(b *testing.B) {
 			_, ov, _ := benchFiles(b)
-			buf := make([]byte, 4096)
-			b.SetBytes(4096)
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				off := int64(rand.IntN(benchSize/4096)) * 4096
-				var err error
-				if write {
-					_, err = ov.WriteAt(buf, off)
-				} else {
-					_, err = ov.ReadAt(buf, off)
-				}
-				if err != nil {
-					b.Fatal(err)
-				}
-			}
+			random4K(b, ov, write)
 		})
 		b.Run(op+"/pread-pwrite-file", func(b *testing.B) {
 			_, _, f := benchFiles(b)
@@ -115,21 +98,29 @@ func Benchmark4K(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			buf := make([]byte, 4096)
-			b.SetBytes(4096)
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				off := int64(rand.IntN(benchSize/4096)) * 4096
-				var err error
-				if write {
-					_, err = f.WriteAt(buf, off)
-				} else {
-					_, err = f.ReadAt(buf, off)
-				}
-				if err != nil {
-					b.Fatal(err)
-				}
-			}
+			random4K(b, f, write)
 		})
+	}
+}
+
+// random4K times 4 KiB reads (or writes) at random aligned offsets of f.
+func random4K(b *testing.B, f interface {
+	io.ReaderAt
+	io.WriterAt
+}, write bool) {
+	buf := make([]byte, 4096)
+	b.SetBytes(4096)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		off := int64(rand.IntN(benchSize/4096)) * 4096
+		var err error
+		if write {
+			_, err = f.WriteAt(buf, off)
+		} else {
+			_, err = f.ReadAt(buf, off)
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
 	}
 }

@@ -45,6 +45,17 @@ type blkDriver struct {
 	t *testing.T
 }
 
+// scratchOverlay opens a fresh overlay on base, closed when the test ends.
+func scratchOverlay(t testing.TB, base string) *blk.Overlay {
+	t.Helper()
+	ov, err := blk.OpenOverlay(base, filepath.Join(t.TempDir(), "x.cow"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ov.Close() })
+	return ov
+}
+
 func newBlk(t *testing.T, disk blk.Disk) *blkDriver {
 	t.Helper()
 	d := vt.New(func(mem devices.GuestMemory, irq devices.IRQLine) devices.MMIODevice {
@@ -171,11 +182,7 @@ func TestCopyOnWriteIsolation(t *testing.T) {
 
 func TestBadRequestsGetIOErr(t *testing.T) {
 	base, _ := makeBase(t)
-	ov, err := blk.OpenOverlay(base, filepath.Join(t.TempDir(), "x.cow"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ov.Close()
+	ov := scratchOverlay(t, base)
 	d := newBlk(t, ov)
 	last := uint64(baseSize/512 - 1)
 	if _, st := d.read(last, 1024); st != blk.SIOErr {
@@ -237,11 +244,7 @@ func TestReadOnlyAndGetID(t *testing.T) {
 
 func TestIndirectRequest(t *testing.T) {
 	base, _ := makeBase(t)
-	ov, err := blk.OpenOverlay(base, filepath.Join(t.TempDir(), "x.cow"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ov.Close()
+	ov := scratchOverlay(t, base)
 	d := newBlk(t, ov)
 	q := d.Queues[0]
 	q.AddIndirect(vt.R(hdr(blk.TIn, 3)), vt.W(512), vt.W(512), vt.W(1))
