@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -68,16 +69,97 @@ func TestEmulatedMachine(t *testing.T) {
 		logw = f
 	}
 
-	stall := 4 * time.Minute
+	stall := 90 * time.Second
 	if s := os.Getenv("CUBE_VMTEST_STALL"); s != "" {
 		if stall, err = time.ParseDuration(s); err != nil {
 			t.Fatalf("CUBE_VMTEST_STALL: %v", err)
 		}
 	}
-	m.Monitor = filepath.Join(t.TempDir(), "monitor.sock")
+	retries := 4
+	if s := os.Getenv("CUBE_VMTEST_RETRIES"); s != "" {
+		if retries, err = strconv.Atoi(s); err != nil || retries < 0 {
+			t.Fatalf("CUBE_VMTEST_RETRIES %q: want a whole number", s)
+		}
+	}
+	var passed []string // top-level tests passed in earlier, wedged runs
+	for attempt := 0; ; attempt++ {
+		m.Skip = skipPattern(passed)
+		rep, ended, wedged, werr := bootL1(t, m, timeout, stall, logw)
+		switch ended {
+		case "timeout":
+			t.Fatalf("timed out after %v (CUBE_VMTEST_TIMEOUT): %v", timeout, rep.Err())
+		case "stalled":
+			if len(rep.Failed) > 0 {
+				t.Fatalf("the console was silent for %v and the machine was stopped, after failures: %v", stall, rep.Err())
+			}
+			if !wedged || attempt >= retries {
+				t.Fatalf("the console was silent for %v (CUBE_VMTEST_STALL), the machine was stopped (known emulator wedge: %v, attempt %d of %d): %v",
+					stall, wedged, attempt+1, retries+1, rep.Err())
+			}
+			// QEMU's TCG sometimes leaves the emulated CPU unable to take
+			// interrupts after running a nested guest (see docs/vmtest.md:
+			// the vCPU halts with the LAPIC timer pending in IRR, forever).
+			// That is the emulator, not the code under test: run the tests
+			// that have not passed yet on a fresh machine.
+			for _, n := range rep.Passed {
+				if !strings.Contains(n, "/") {
+					passed = append(passed, n)
+				}
+			}
+			t.Logf("EMULATOR WEDGE (attempt %d of %d): the L1 vCPU halted with an interrupt pending that it never takes; "+
+				"booting a fresh machine for the tests not yet passed (skipping %v)", attempt+1, retries+1, passed)
+			continue
+		}
+		if err := rep.Err(); err != nil {
+			t.Fatalf("%v (qemu: %v)", err, werr)
+		}
+		if werr != nil {
+			t.Fatalf("qemu: %v", werr)
+		}
+		if attempt > 0 {
+			t.Logf("passed after %d emulator wedge(s); tests passed in the wedged runs: %v", attempt, passed)
+		}
+		return
+	}
+}
 
-	var rep Report
+// skipPattern is a -test.skip pattern for the named top-level tests.
+func skipPattern(names []string) string {
+	if len(names) == 0 {
+		return ""
+	}
+	return "^(" + strings.Join(names, "|") + ")$"
+}
+
+// wedgeSignature reports whether a QEMU monitor dump shows the emulator
+// wedge: the vCPU halted (HLT=1) while its local APIC holds a requested
+// interrupt (IRR not empty) that it never takes.
+func wedgeSignature(dump string) bool {
+	if !strings.Contains(dump, "HLT=1") {
+		return false
+	}
+	i := strings.Index(dump, "dumping local APIC state")
+	if i < 0 {
+		return false
+	}
+	for _, line := range strings.Split(dump[i:], "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "IRR" {
+			return f[1] != "(none)"
+		}
+	}
+	return false
+}
+
+// bootL1 runs the emulated machine once and parses its console. On a
+// stall it samples the vCPU state through the monitor three times and
+// reports whether every sample shows the emulator wedge.
+func bootL1(t *testing.T, m Machine, timeout, stall time.Duration, logw io.Writer) (*Report, string, bool, error) {
+	t.Helper()
+	m.Monitor = filepath.Join(t.TempDir(), "monitor.sock")
+	rep := &Report{}
 	var firstUp time.Duration
+	wedged := false
 	start := time.Now()
 	ended, werr := runQEMU(t, m.Args(), timeout, stall, logw, func(el time.Duration, line string) {
 		wasUp := rep.L1Up
@@ -87,28 +169,19 @@ func TestEmulatedMachine(t *testing.T) {
 		}
 	}, func() {
 		// Where the emulated CPU is, sampled three times: a wedged L1
-		// (or L2, when the CPU is in guest mode) shows the same few RIPs.
+		// (or L2, when the CPU is in guest mode) shows the same state.
+		wedged = true
 		for i := 0; i < 3; i++ {
 			out, err := monitor(m.Monitor, "info cpus", "info registers", "info lapic", "info pic")
 			t.Logf("console silent for %v; QEMU monitor sample %d (err %v):\n%s", stall, i+1, err, out)
 			io.WriteString(logw, out)
+			wedged = wedged && err == nil && wedgeSignature(out)
 			time.Sleep(time.Second)
 		}
 	})
 	t.Logf("L1 /init reached after %.1fs; whole run %.1fs", firstUp.Seconds(), time.Since(start).Seconds())
 	t.Logf("summary: %s", rep.Summary())
-	switch ended {
-	case "timeout":
-		t.Fatalf("timed out after %v (CUBE_VMTEST_TIMEOUT): %v", timeout, rep.Err())
-	case "stalled":
-		t.Fatalf("the console was silent for %v (CUBE_VMTEST_STALL), the machine was stopped: %v", stall, rep.Err())
-	}
-	if err := rep.Err(); err != nil {
-		t.Fatalf("%v (qemu: %v)", err, werr)
-	}
-	if werr != nil {
-		t.Fatalf("qemu: %v", werr)
-	}
+	return rep, ended, wedged, werr
 }
 
 // runQEMU runs a QEMU command line in its own process group, streams its

@@ -17,6 +17,8 @@ type Machine struct {
 	// Monitor, if set, is a unix socket path for QEMU's human monitor, so
 	// a stalled machine's vCPU state can be read.
 	Monitor string
+	// Skip is a -test.skip pattern for the guest-side tests.
+	Skip string
 	// Append is extra L1 kernel command line (space-separated words).
 	Append string
 }
@@ -40,6 +42,9 @@ func (m Machine) Args() []string {
 	cmdline = append(cmdline, strings.Fields(m.Append)...)
 	if m.Run != "" {
 		cmdline = append(cmdline, "cube.run="+m.Run)
+	}
+	if m.Skip != "" {
+		cmdline = append(cmdline, "cube.skip="+m.Skip)
 	}
 	args := []string{m.QEMU,
 		"-accel", "tcg", "-M", "microvm", "-cpu", "max", "-smp", "1",

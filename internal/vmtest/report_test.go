@@ -165,3 +165,36 @@ func TestMachineArgs(t *testing.T) {
 		}
 	}
 }
+
+func TestWedgeSignature(t *testing.T) {
+	// Trimmed from a real stalled run (QEMU 7.2 monitor).
+	wedge := "RIP=ffffffffb86592eb RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n" +
+		"(qemu) info lapic\ndumping local APIC state for CPU 0 \n\n" +
+		"LVTT\t 0x000000ec active-hi edge                 one-shot     Fixed  (vec 236)\n" +
+		"ISR\t (none)\nIRR\t 236 \n\nAPR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x10\n" +
+		"ioapic0: ver=0x20\n  IRR      (none)\n"
+	if !wedgeSignature(wedge) {
+		t.Error("the wedge dump is not recognised")
+	}
+	for name, dump := range map[string]string{
+		"running":     strings.Replace(wedge, "HLT=1", "HLT=0", 1),
+		"idle":        strings.Replace(wedge, "IRR\t 236 ", "IRR\t (none)", 1),
+		"no lapic":    "RIP=0 HLT=1\n",
+		"empty":       "",
+		"garbage irr": "HLT=1 dumping local APIC state\nIRR",
+	} {
+		if wedgeSignature(dump) {
+			t.Errorf("%s: recognised as the wedge", name)
+		}
+	}
+	if p := skipPattern([]string{"TestA", "TestB"}); p != "^(TestA|TestB)$" || !ValidRun(p) {
+		t.Errorf("skipPattern = %q", p)
+	}
+	if skipPattern(nil) != "" {
+		t.Error("skipPattern(nil) not empty")
+	}
+	a := strings.Join(Machine{QEMU: "q", Skip: "^(TestA)$"}.Args(), " ")
+	if !strings.Contains(a, "cube.skip=^(TestA)$") {
+		t.Errorf("args %q lack the skip pattern", a)
+	}
+}

@@ -176,9 +176,11 @@ func testPauseResume(t *testing.T, h Harness) {
 	// and answers with its pid file still present.
 	h.sh(t, id, fmt.Sprintf("echo %s > $HOME/marker && (sleep 100000 >/dev/null 2>&1 & echo $! > $HOME/sleep.pid)", token))
 	pid := strings.TrimSpace(h.sh(t, id, "cat $HOME/sleep.pid"))
+	t.Logf("%s: state written, pausing", id)
 	if err := h.Runtime.Pause(h.ctx(t), id); err != nil {
 		t.Fatalf("Pause: %v", err)
 	}
+	t.Logf("%s: paused", id)
 	if err := h.Runtime.Pause(h.ctx(t), id); !errs.Is(err, errs.Conflict) {
 		t.Fatalf("second Pause: %v, want Conflict", err)
 	}
@@ -196,6 +198,7 @@ func testPauseResume(t *testing.T, h Harness) {
 	if _, err := h.Runtime.Resume(h.ctx(t), id, runtime.NetSlot{}); err != nil {
 		t.Fatalf("Resume: %v", err)
 	}
+	t.Logf("%s: resumed", id)
 	if got := strings.TrimSpace(h.sh(t, id, "cat $HOME/marker")); got != token {
 		t.Fatalf("file after resume: %q, want %q", got, token)
 	}
@@ -203,6 +206,7 @@ func testPauseResume(t *testing.T, h Harness) {
 		t.Fatalf("process %s after resume: %q", pid, got)
 	}
 	// And once more: a resumed sandbox pauses again.
+	t.Logf("%s: state intact, second cycle", id)
 	if err := h.Runtime.Pause(h.ctx(t), id); err != nil {
 		t.Fatalf("second cycle Pause: %v", err)
 	}
