@@ -30,4 +30,4 @@ CUBE_VMTEST_L1_KERNEL=$L1_KERNEL CUBE_VMTEST_L1_INITRD=$L1_INITRD \
 CUBE_VMTEST_GUEST_KERNEL=$GUEST_KERNEL/bzImage CUBE_VMTEST_GUEST_ROOTFS=$GUEST_ROOTFS \
 CUBE_VMTEST_RUN=${VMTEST_RUN:-} CUBE_VMTEST_TIMEOUT=${VMTEST_TIMEOUT:-12m} \
 CUBE_VMTEST_VERBOSE=${VMTEST_VERBOSE:-} CUBE_VMTEST_LOG=$work/console.log \
-  $GO test -count=1 -v -timeout 30m -run '^(TestGuestKernelTCG|TestEmulatedMachine)$' ./internal/vmtest
+  $GO test -count=1 -v -timeout 45m -run '^(TestGuestKernelTCG|TestEmulatedMachine)$' ./internal/vmtest
