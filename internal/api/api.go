@@ -325,6 +325,9 @@ func (a *API) create(w http.ResponseWriter, r *http.Request, key store.APIKey, v
 	var sb *store.Sandbox
 	if snap != nil {
 		nreq.SnapshotID = snap.ID
+		if src != nil {
+			nreq.SnapshotAccessToken = src.EnvdToken
+		}
 		sb, err = a.m.CreateOn(r.Context(), snap.NodeID, nreq)
 	} else {
 		sb, err = a.m.Create(r.Context(), nreq)

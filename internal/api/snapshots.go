@@ -260,7 +260,7 @@ func (a *API) createFork(ctx context.Context, n master.Node, key store.APIKey, p
 		ID: NewSandboxID(), KeyID: key.ID, Template: templateOf(parent), Alias: parent.Alias, Timeout: timeout,
 		Metadata: copyMap(parent.Metadata), EnvVars: copyMap(parent.EnvVars), AllowInternet: parent.AllowInternet,
 		Network: parent.Network, AutoPause: parent.AutoPause, AutoPauseMemory: parent.AutoPauseMemory,
-		AutoResume: parent.AutoResume, SnapshotID: snapID,
+		AutoResume: parent.AutoResume, SnapshotID: snapID, SnapshotAccessToken: parent.EnvdToken,
 	}
 	if parent.EnvdToken != "" {
 		req.EnvdToken = store.RandomHex(24)

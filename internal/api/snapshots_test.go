@@ -41,6 +41,9 @@ func recordSnapshotIDs(e *env) func() []string {
 		mu.Lock()
 		defer mu.Unlock()
 		got = append(got, spec.SnapshotID)
+		if spec.SnapshotID != "" {
+			got[len(got)-1] += "/" + spec.SnapshotAccessToken
+		}
 		return nil
 	}
 	return func() []string {
@@ -125,7 +128,7 @@ func TestSnapshotCreateListRestoreDelete(t *testing.T) {
 	if r.Status != 201 || v1.EnvdAccessToken == "" {
 		t.Fatalf("v1 from name: %d %s", r.Status, r.Body)
 	}
-	if got := creates(); fmt.Sprint(got) != fmt.Sprint([]string{"", plain.SnapshotID, named.SnapshotID}) {
+	if got := creates(); fmt.Sprint(got) != fmt.Sprint([]string{"", plain.SnapshotID + "/" + sb.EnvdAccessToken, named.SnapshotID + "/" + sb.EnvdAccessToken}) {
 		t.Fatalf("runtime creates got snapshot ids %q", got)
 	}
 	// Another key cannot use, list or delete them.
@@ -232,7 +235,7 @@ func TestFork(t *testing.T) {
 		}
 	}
 	c := creates()
-	if len(c) != 3 || c[1] == "" || c[1] != c[2] {
+	if len(c) != 3 || !strings.HasSuffix(c[1], "/"+parent.EnvdAccessToken) || c[1] != c[2] {
 		t.Fatalf("forks restored from %q, want one snapshot", c)
 	}
 	// The fork's snapshot is gone again, the parent runs on.

@@ -301,6 +301,9 @@ type CreateRequest struct {
 	// on this node by Snapshot) instead of from Template's snapshot;
 	// Template then describes the snapshot's source sandbox.
 	SnapshotID string
+	// SnapshotAccessToken is the envd token of the snapshot's source
+	// sandbox (its restored agent holds it until told the new one).
+	SnapshotAccessToken string
 }
 
 // Create makes a sandbox and returns its record once it runs.
@@ -336,7 +339,7 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 	defer cancel()
 	labels := map[string]string{"cube.key": req.KeyID, "cube.template": t.ID}
 	spec := runtime.CreateSpec{
-		ID: sb.ID, TemplateID: t.ID, SnapshotID: req.SnapshotID,
+		ID: sb.ID, TemplateID: t.ID, SnapshotID: req.SnapshotID, SnapshotAccessToken: req.SnapshotAccessToken,
 		Resources: runtime.Resources{CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskMB},
 		Env:       req.EnvVars, AccessToken: req.EnvdToken, Labels: labels,
 	}
