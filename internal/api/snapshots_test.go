@@ -394,3 +394,41 @@ func FuzzSnapshotAndForkBodies(f *testing.F) {
 		}
 	})
 }
+
+// FuzzListSnapshotsQuery sends arbitrary query strings to GET /snapshots:
+// the answer is 200 with a JSON array or a clean 400, never a 5xx.
+func FuzzListSnapshotsQuery(f *testing.F) {
+	for _, s := range []string{"", "limit=1", "limit=0", "limit=101", "limit=-1", "limit=1e3", "nextToken=!!", "nextToken=MTIzfGFi",
+		"sandboxID=x&name=y", "name=%zz", "limit=1&limit=2", "nextToken=" + strings.Repeat("A", 300)} {
+		f.Add(s)
+	}
+	e := newEnv(f)
+	sb := e.create(e.key, map[string]any{"templateID": "base"})
+	e.snapshot(e.key, sb.SandboxID, `{"name":"y"}`)
+	e.snapshot(e.key, sb.SandboxID, `{}`)
+	h := e.s.Handler()
+	f.Fuzz(func(t *testing.T, q string) {
+		req := httptest.NewRequest("GET", "/snapshots", nil)
+		req.URL.RawQuery = q
+		req.Header.Set("X-API-KEY", e.key)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		switch w.Code {
+		case 200:
+			var out []snapshotBody
+			if err := json.Unmarshal(w.Body.Bytes(), &out); err != nil || out == nil || len(out) > 2 {
+				t.Fatalf("200 body %s", w.Body)
+			}
+		case 400:
+			var b struct {
+				Code    int
+				Message string
+			}
+			if err := json.Unmarshal(w.Body.Bytes(), &b); err != nil || b.Code != 400 || b.Message == "" {
+				t.Fatalf("error body %q", w.Body)
+			}
+		default:
+			t.Fatalf("status %d for %q: %s", w.Code, q, w.Body)
+		}
+	})
+}
