@@ -267,6 +267,13 @@ func (s *Store) CreateSnapshot(ctx context.Context, sn *Snapshot) error {
 	}
 	names, _ := json.Marshal(append([]string{}, sn.Names...))
 	return s.tx(ctx, func(tx *sql.Tx) error {
+		if len(sn.Names) > 0 && s.dialect == Postgres {
+			// Serialise the key's named snapshots (SQLite transactions are
+			// already exclusive): a name must end on one snapshot only.
+			if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(4243, hashtext($1))`, sn.KeyID); err != nil {
+				return dbErr(err, "create snapshot %s", sn.ID)
+			}
+		}
 		if len(sn.Names) > 0 {
 			rows, err := tx.QueryContext(ctx, s.rebind(`SELECT id, names FROM snapshots WHERE key_id = ?`), sn.KeyID)
 			if err != nil {

@@ -320,6 +320,21 @@ func suite(t *testing.T, s *store.Store) {
 		if _, _, err := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k1", Cursor: "!!"}); !errs.Is(err, errs.InvalidArgument) {
 			t.Fatal("bad cursor:", err)
 		}
+		// Racing snapshots with one name: the name ends on exactly one.
+		var wg sync.WaitGroup
+		for i := 0; i < 8; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := s.CreateSnapshot(ctx, &store.Snapshot{ID: fmt.Sprintf("race%d", i), KeyID: "k3", SandboxID: "sb", Names: []string{"r"}}); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		if all, _, _ := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k3", Name: "r"}); len(all) != 1 {
+			t.Fatalf("name r on %d snapshots", len(all))
+		}
 		if err := s.DeleteSnapshot(ctx, "k1", "snap3"); err != nil {
 			t.Fatal(err)
 		}
