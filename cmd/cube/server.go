@@ -97,7 +97,7 @@ func init() {
 					return err
 				}
 				for flag, dst := range map[string]*string{"listen": &cfg.Listen, "domain": &cfg.Domain, "tls-cert": &cfg.TLSCert,
-					"tls-key": &cfg.TLSKey, "database-url": &cfg.DatabaseURL, "runtime": &cfg.Runtime} {
+					"tls-key": &cfg.TLSKey, "database-url": &cfg.DatabaseURL, "runtime": &cfg.Runtime, "ui-dir": &cfg.UIDir} {
 					if cmd.Flags().Changed(flag) {
 						v, _ := cmd.Flags().GetString(flag)
 						*dst = v
@@ -116,6 +116,7 @@ func init() {
 		f.StringVar(&tlsKey, "tls-key", "", "TLS private key")
 		f.StringVar(&dbURL, "database-url", "", "store: empty = SQLite in the data dir, or postgres://...")
 		f.StringVar(&rtName, "runtime", "auto", "sandbox runtime: auto, gvisor or microvm")
+		f.String("ui-dir", "", "serve the web UI at /ui/ from this directory (default: the embedded dashboard)")
 		f.IntVar(&maxSandboxes, "max-sandboxes", 64, "sandboxes this node runs at once (paused ones excluded)")
 		f.BoolVar(&useNetSlots, "network-slots", true, "give each sandbox a network slot (internal/network): NAT egress and its egress policy; --network-slots=false: a loopback-only namespace per sandbox and the policy is only stored")
 		return c

@@ -42,6 +42,8 @@ const ClientID = "cube"
 type Config struct {
 	Domain         string        // sandbox domain returned to clients ("" = null)
 	DefaultTimeout time.Duration // v2 default sandbox timeout (300 s)
+	// UI is served at /ui/ (the web UI mount point; nil = none).
+	UI http.Handler
 }
 
 // API is the REST handler.
@@ -64,6 +66,12 @@ func New(cfg Config, m *master.Master, st *store.Store, metrics *Metrics, log *s
 	h("GET /health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
+	if cfg.UI != nil {
+		a.mux.Handle("GET /ui/", cfg.UI)
+		h("GET /ui", func(w http.ResponseWriter, r *http.Request) {
+			http.Redirect(w, r, "/ui/", http.StatusMovedPermanently)
+		})
+	}
 	h("GET /metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}).ServeHTTP)
 	h("POST /sandboxes", a.auth(a.createV1))
 	h("POST /v2/sandboxes", a.auth(a.createV2))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -12,6 +13,9 @@ import (
 	"time"
 
 	"github.com/cubesandbox/cube/internal/config"
+	"github.com/cubesandbox/cube/internal/logging"
+	"github.com/cubesandbox/cube/internal/runtime/runtimetest"
+	"github.com/cubesandbox/cube/internal/server"
 	"github.com/cubesandbox/cube/internal/store"
 )
 
@@ -420,4 +424,41 @@ func TestMetricsEndpoint(t *testing.T) {
 		}
 	}
 	_ = http.StatusOK
+}
+
+// TestUIMount: the web UI mount point serves the dashboard, and the
+// calls the dashboard makes (internal/ui/static/app.js) are ones the API
+// answers for a key.
+func TestUIMount(t *testing.T) {
+	e := newEnv(t)
+	for _, p := range []string{"/ui", "/ui/"} {
+		r := e.do("GET", p, "", nil)
+		if r.Status != 200 || !strings.Contains(string(r.Body), "<title>Cube</title>") {
+			t.Fatalf("GET %s: %d %q", p, r.Status, r.Body)
+		}
+	}
+	e.create(e.key, `{"templateID":"base"}`)
+	if r := e.do("GET", "/v2/sandboxes?state=running,paused", e.key, nil); r.Status != 200 || !strings.Contains(string(r.Body), `"state":"running"`) {
+		t.Fatalf("dashboard list: %d %s", r.Status, r.Body)
+	}
+	if r := e.do("GET", "/v2/sandboxes?state=running,paused", "", nil); r.Status != 401 {
+		t.Fatalf("dashboard list without a key: %d", r.Status)
+	}
+	if r := e.do("GET", "/templates", e.key, nil); r.Status != 200 || !strings.Contains(string(r.Body), `"buildStatus"`) {
+		t.Fatalf("dashboard templates: %d %s", r.Status, r.Body)
+	}
+}
+
+func TestUIDirMissingRefused(t *testing.T) {
+	cfg := config.Default()
+	cfg.DataDir = t.TempDir()
+	cfg.UIDir = filepath.Join(t.TempDir(), "missing")
+	rt, err := runtimetest.New("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	if _, err := server.New(context.Background(), cfg, rt, logging.Discard()); err == nil || !strings.Contains(err.Error(), "uiDir") {
+		t.Fatalf("server.New with a missing uiDir: %v", err)
+	}
 }

@@ -32,6 +32,9 @@ type Config struct {
 	// DatabaseURL selects the store: empty = SQLite in DataDir;
 	// postgres://... = PostgreSQL.
 	DatabaseURL string `json:"databaseURL" env:"CUBE_DATABASE_URL" default:""`
+	// UIDir mounts a web UI at /ui/ from this directory; empty = the
+	// embedded dashboard (internal/ui).
+	UIDir string `json:"uiDir" env:"CUBE_UI_DIR" default:""`
 
 	// Node settings.
 	Runtime        string        `json:"runtime" env:"CUBE_RUNTIME" default:"auto"` // auto | microvm | gvisor

@@ -25,6 +25,7 @@ import (
 	"github.com/cubesandbox/cube/internal/proxy"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/store"
+	"github.com/cubesandbox/cube/internal/ui"
 )
 
 // Server is an assembled cube server.
@@ -43,6 +44,10 @@ type Server struct {
 // New opens the store, reconciles the local node with rt and builds the
 // handlers. Close releases them (sandboxes keep running).
 func New(ctx context.Context, cfg config.Config, rt runtime.Runtime, log *slog.Logger) (*Server, error) {
+	uiH, err := ui.Handler(cfg.UIDir)
+	if err != nil {
+		return nil, errs.Wrap(errs.InvalidArgument, err, "uiDir %q", cfg.UIDir)
+	}
 	st, err := store.Open(ctx, cfg.DataDir, cfg.DatabaseURL)
 	if err != nil {
 		return nil, err
@@ -55,7 +60,7 @@ func New(ctx context.Context, cfg config.Config, rt runtime.Runtime, log *slog.L
 	m := master.New(st, n)
 	metrics := api.NewMetrics(m.Counts)
 	s := &Server{cfg: cfg, log: log, Store: st, Node: n, Master: m, Metrics: metrics}
-	s.API = api.New(api.Config{Domain: cfg.Domain, DefaultTimeout: cfg.DefaultTimeout}, m, st, metrics, log)
+	s.API = api.New(api.Config{Domain: cfg.Domain, DefaultTimeout: cfg.DefaultTimeout, UI: uiH}, m, st, metrics, log)
 	s.Proxy = proxy.New(m, cfg.Domain, metrics.ProxyBytes, metrics.ProxyRequests, log)
 	s.handler = api.WithRequestID(log, metrics, http.HandlerFunc(s.route))
 	return s, nil
