@@ -69,7 +69,13 @@ func run() error {
 	srv := envd.New(envd.Options{Logger: log.With("component", "envd"), DefaultUser: du, ManageClock: isInit})
 	defer srv.Close()
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	sigs := []os.Signal{syscall.SIGTERM, syscall.SIGINT}
+	if isInit {
+		// As PID 1, busybox `halt` and `poweroff` signal us with SIGUSR1
+		// and SIGUSR2 (`reboot` with SIGTERM): all end the machine.
+		sigs = append(sigs, syscall.SIGUSR1, syscall.SIGUSR2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), sigs...)
 	defer stop()
 
 	var servers []*http.Server

@@ -190,9 +190,24 @@ func Shutdown(log *slog.Logger) {
 	}
 	_ = unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
-	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
+	cmdline, _ := os.ReadFile("/proc/cmdline")
+	if err := unix.Reboot(PowerOffCmd(string(cmdline))); err != nil {
 		log.Warn("pid1: power off", "err", err)
 	}
+}
+
+// PowerOffCmd is the reboot(2) command that ends this machine. A Cube
+// microVM has no ACPI, so LINUX_REBOOT_CMD_POWER_OFF would leave it halted
+// with its devices shut down and the VMM none the wiser; its kernel runs
+// with reboot=k and the VMM takes the keyboard-controller reset for a
+// shutdown, so there a restart is how the guest powers off.
+func PowerOffCmd(cmdline string) int {
+	for _, w := range strings.Fields(cmdline) {
+		if w == "reboot=k" || w == "reboot=kbd" {
+			return unix.LINUX_REBOOT_CMD_RESTART
+		}
+	}
+	return unix.LINUX_REBOOT_CMD_POWER_OFF
 }
 
 func hasChildren() bool {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"golang.org/x/sys/unix"
 
 	pb "github.com/cubesandbox/cube/proto/process"
 	"github.com/cubesandbox/cube/proto/process/processconnect"
@@ -147,4 +148,19 @@ func childOf(pid int) int {
 	}
 	n, _ := strconv.Atoi(f[0])
 	return n
+}
+
+func TestPowerOffCmd(t *testing.T) {
+	for cmdline, want := range map[string]int{
+		"console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda": unix.LINUX_REBOOT_CMD_RESTART,
+		"reboot=kbd":                  unix.LINUX_REBOOT_CMD_RESTART,
+		"console=ttyS0 root=/dev/vda": unix.LINUX_REBOOT_CMD_POWER_OFF,
+		"reboot=t":                    unix.LINUX_REBOOT_CMD_POWER_OFF,
+		"cube.reboot=k":               unix.LINUX_REBOOT_CMD_POWER_OFF,
+		"":                            unix.LINUX_REBOOT_CMD_POWER_OFF,
+	} {
+		if got := PowerOffCmd(cmdline); got != want {
+			t.Errorf("PowerOffCmd(%q) = %#x, want %#x", cmdline, got, want)
+		}
+	}
 }
