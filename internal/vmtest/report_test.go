@@ -176,12 +176,16 @@ func TestWedgeSignature(t *testing.T) {
 	if !wedgeSignature(wedge) {
 		t.Error("the wedge dump is not recognised")
 	}
+	// The same wedge while the vCPU runs an L2 guest's loop at CPL 3.
+	if !wedgeSignature(strings.Replace(strings.Replace(wedge, "HLT=1", "HLT=0", 1), "CPL=0", "CPL=3", 1)) {
+		t.Error("the wedge in guest mode is not recognised")
+	}
 	for name, dump := range map[string]string{
-		"running":     strings.Replace(wedge, "HLT=1", "HLT=0", 1),
 		"idle":        strings.Replace(wedge, "IRR\t 236 ", "IRR\t (none)", 1),
 		"no lapic":    "RIP=0 HLT=1\n",
 		"empty":       "",
 		"garbage irr": "HLT=1 dumping local APIC state\nIRR",
+		"ioapic irr":  "HLT=1\nioapic0: ver=0x20\n  IRR      17\n",
 	} {
 		if wedgeSignature(dump) {
 			t.Errorf("%s: recognised as the wedge", name)
