@@ -208,6 +208,10 @@ func TestServerMicroVM(t *testing.T) {
 	if got := run(sb, "cat /etc/cube-vmtest; echo kept-before-pause > /root/paused.txt; sync; echo ok"); got != "cube-vmtest-rootfs-ok\nok\n" {
 		t.Fatalf("first command: %q", got)
 	}
+	// A process that must survive the pause (a memory snapshot, not a
+	// cold boot on resume).
+	run(sb, "sleep 1000 >/dev/null 2>&1 & echo started")
+	pid := strings.TrimSpace(run(sb, "pidof sleep"))
 	call("POST", "/sandboxes/"+sb.SandboxID+"/pause", map[string]any{}, 204)
 	var info struct {
 		State string `json:"state"`
@@ -225,9 +229,24 @@ func TestServerMicroVM(t *testing.T) {
 	if sb2.EnvdAccessToken == "" {
 		sb2.EnvdAccessToken = sb.EnvdAccessToken
 	}
-	if got := run(sb2, "cat /root/paused.txt"); got != "kept-before-pause\n" {
-		t.Fatalf("after resume: %q", got)
+	if got := run(sb2, "cat /root/paused.txt; pidof sleep"); got != "kept-before-pause\n"+pid+"\n" {
+		t.Fatalf("after resume: %q, want the file and sleep's pid %s", got, pid)
 	}
+	if json.Unmarshal(call("GET", "/sandboxes/"+sb.SandboxID, nil, 200), &info); info.State != "running" {
+		t.Fatalf("after connect: state %q", info.State)
+	}
+	// The leftover check below must be able to see VMMs: the sandbox's
+	// (and the pool's) are up now and name the data dir.
+	vmms := 0
+	for _, p := range usersOf(data) {
+		if strings.Contains(p, " vmm") {
+			vmms++
+		}
+	}
+	if vmms == 0 {
+		t.Fatalf("no VMM process names the data dir while a sandbox runs: %q", usersOf(data))
+	}
+	t.Logf("%d VMM processes up", vmms)
 	call("DELETE", "/sandboxes/"+sb.SandboxID, nil, 204)
 	call("GET", "/sandboxes/"+sb.SandboxID, nil, 404)
 
