@@ -75,7 +75,7 @@ func findAgent(cfg config.Config) string {
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
 // newTplEnv opens the catalog and, if withRuntime, the runtime that bakes
-// (gVisor; the microVM runtime plugs in here when it lands).
+// (tplRuntime: the one the server runs).
 func newTplEnv(ctx context.Context, withRuntime bool) (*tplEnv, error) {
 	cfg, err := loadConfig()
 	if err != nil {
