@@ -83,6 +83,10 @@ func New(cfg Config, m *master.Master, st *store.Store, metrics *Metrics, log *s
 	h("GET /sandboxes/{id}/metrics", a.auth(a.metricsOne))
 	h("PUT /sandboxes/{id}/network", a.auth(a.network))
 	h("GET /templates", a.auth(a.templates))
+	h("POST /sandboxes/{id}/snapshots", a.auth(a.createSnapshot))
+	h("GET /snapshots", a.auth(a.listSnapshots))
+	h("DELETE /templates/{templateID}", a.auth(a.deleteTemplate))
+	h("POST /sandboxes/{id}/fork", a.auth(a.fork))
 	h("/", func(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, r, errs.E(errs.NotFound, "no route %s %s", r.Method, r.URL.Path))
 	})
@@ -274,7 +278,18 @@ func (a *API) create(w http.ResponseWriter, r *http.Request, key store.APIKey, v
 		writeErr(w, r, err)
 		return
 	}
+	// The templateID is a template's id or alias, or else a snapshot of
+	// the caller's (id or name).
+	var (
+		snap *store.Snapshot
+		src  *store.Sandbox
+	)
 	tpl, err := a.st.ResolveTemplate(r.Context(), req.TemplateID)
+	if errs.Is(err, errs.NotFound) {
+		if t, sn, sb, serr := a.fromSnapshot(r.Context(), key, req.TemplateID); serr == nil || !errs.Is(serr, errs.NotFound) {
+			tpl, snap, src, err = t, sn, sb, serr
+		}
+	}
 	if err != nil {
 		writeErr(w, r, err)
 		return
@@ -296,7 +311,8 @@ func (a *API) create(w http.ResponseWriter, r *http.Request, key store.APIKey, v
 		AutoPause: req.AutoPause != nil && *req.AutoPause, AutoPauseMemory: req.AutoPauseMemory == nil || *req.AutoPauseMemory,
 		AutoResume: req.AutoResume != nil && req.AutoResume.Enabled,
 	}
-	if v2 || (req.Secure != nil && *req.Secure) {
+	if v2 || (req.Secure != nil && *req.Secure) || (snap != nil && (src == nil || src.EnvdToken != "")) {
+		// A restored agent keeps its source's token unless it gets a new one.
 		nreq.EnvdToken = store.RandomHex(24)
 	}
 	if req.Network != nil {
@@ -306,14 +322,25 @@ func (a *API) create(w http.ResponseWriter, r *http.Request, key store.APIKey, v
 			nreq.TrafficToken = store.RandomHex(24)
 		}
 	}
-	sb, err := a.m.Create(r.Context(), nreq)
+	var sb *store.Sandbox
+	if snap != nil {
+		nreq.SnapshotID = snap.ID
+		if src != nil {
+			nreq.SnapshotAccessToken = src.EnvdToken
+		}
+		sb, err = a.m.CreateOn(r.Context(), snap.NodeID, nreq)
+	} else {
+		sb, err = a.m.Create(r.Context(), nreq)
+	}
 	if err != nil {
 		a.metrics.CreateErrors.WithLabelValues(errs.KindOf(err).String()).Inc()
 		writeErr(w, r, err)
 		return
 	}
 	a.metrics.CreateLatency.WithLabelValues(tpl.ID).Observe(time.Since(start).Seconds())
-	a.st.TemplateSpawned(context.WithoutCancel(r.Context()), tpl.ID)
+	if snap == nil {
+		a.st.TemplateSpawned(context.WithoutCancel(r.Context()), tpl.ID)
+	}
 	writeJSON(w, http.StatusCreated, a.sandboxBody(sb))
 }
 

@@ -35,6 +35,8 @@ type Node interface {
 	Stats(ctx context.Context, id string) (runtime.Stats, error)
 	Dial(ctx context.Context, id string, port int, allowResume bool) (net.Conn, error)
 	Counts() map[store.SandboxState]int
+	Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error)
+	DeleteSnapshot(ctx context.Context, snapshotID string) error
 }
 
 var _ Node = (*node.Node)(nil)
@@ -66,6 +68,30 @@ func (m *Master) Nodes() []Node {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID() < out[j].ID() })
 	return out
+}
+
+// Node returns the node with id; NotFound if there is none.
+func (m *Master) Node(id string) (Node, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if n, ok := m.nodes[id]; ok {
+		return n, nil
+	}
+	return nil, errs.E(errs.NotFound, "node %q not found", id)
+}
+
+// CreateOn creates a sandbox on the node with id (a sandbox restored from
+// a snapshot must start where the snapshot is kept). Unavailable if that
+// node is gone, ResourceExhausted with a retry hint if it is full.
+func (m *Master) CreateOn(ctx context.Context, nodeID string, req node.CreateRequest) (*store.Sandbox, error) {
+	n, err := m.Node(nodeID)
+	if err != nil {
+		return nil, &errs.Error{Kind: errs.Unavailable, Msg: "the node that keeps this snapshot is not available", RetryAfter: 10 * time.Second}
+	}
+	if n.Free() <= 0 {
+		return nil, &errs.Error{Kind: errs.ResourceExhausted, Msg: "the node that keeps this snapshot is at capacity, retry later", RetryAfter: 5 * time.Second}
+	}
+	return n.Create(ctx, req)
 }
 
 // Create places a sandbox on the node with the most free slots. If a node

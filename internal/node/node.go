@@ -297,6 +297,13 @@ type CreateRequest struct {
 	AutoPause       bool
 	AutoPauseMemory bool
 	AutoResume      bool
+	// SnapshotID, if set, restores the sandbox from this snapshot (taken
+	// on this node by Snapshot) instead of from Template's snapshot;
+	// Template then describes the snapshot's source sandbox.
+	SnapshotID string
+	// SnapshotAccessToken is the envd token of the snapshot's source
+	// sandbox (its restored agent holds it until told the new one).
+	SnapshotAccessToken string
 }
 
 // Create makes a sandbox and returns its record once it runs.
@@ -321,14 +328,18 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 		return nil, err
 	}
 	n.setCache(sb)
-	n.event(ctx, sb.ID, "transition", "", store.StateCreating, "template "+t.ID)
+	from := "template " + t.ID
+	if req.SnapshotID != "" {
+		from = "snapshot " + req.SnapshotID
+	}
+	n.event(ctx, sb.ID, "transition", "", store.StateCreating, from)
 	// The runtime call outlives a caller that hangs up, so the record
 	// always ends in running or failed.
 	opCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
 	defer cancel()
 	labels := map[string]string{"cube.key": req.KeyID, "cube.template": t.ID}
 	spec := runtime.CreateSpec{
-		ID: sb.ID, TemplateID: t.ID,
+		ID: sb.ID, TemplateID: t.ID, SnapshotID: req.SnapshotID, SnapshotAccessToken: req.SnapshotAccessToken,
 		Resources: runtime.Resources{CPUCount: t.CPUCount, MemoryMB: t.MemoryMB, DiskMB: t.DiskMB},
 		Env:       req.EnvVars, AccessToken: req.EnvdToken, Labels: labels,
 	}
@@ -353,6 +364,37 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 		return nil, err
 	}
 	return sb, nil
+}
+
+// Snapshot takes snapshot snapshotID of the running sandbox id, which
+// keeps running with its end time untouched (E2B createSnapshot and fork).
+// Conflict if the sandbox is not running. The snapshot lives on this node
+// until DeleteSnapshot.
+func (n *Node) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error) {
+	unlock := n.lockSandbox(id)
+	defer unlock()
+	sb, err := n.Get(id)
+	if err != nil {
+		return runtime.Snapshot{}, err
+	}
+	if sb.State != store.StateRunning {
+		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %q is %s, not running", id, sb.State)
+	}
+	opCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
+	defer cancel()
+	snap, err := n.rt.Snapshot(opCtx, id, snapshotID)
+	if err != nil {
+		n.event(ctx, id, "error", sb.State, sb.State, "snapshot: "+errs.Message(err))
+		return runtime.Snapshot{}, err
+	}
+	n.event(ctx, id, "snapshot", sb.State, sb.State, "snapshot "+snapshotID)
+	return snap, nil
+}
+
+// DeleteSnapshot removes a snapshot taken on this node. Sandboxes already
+// created from it are not affected.
+func (n *Node) DeleteSnapshot(ctx context.Context, snapshotID string) error {
+	return n.rt.DeleteSnapshot(context.WithoutCancel(ctx), snapshotID)
 }
 
 // Kill destroys a sandbox in any live state.

@@ -403,3 +403,50 @@ func TestNetworkPolicy(t *testing.T) {
 		t.Fatalf("stored %+v", rec.Network)
 	}
 }
+
+func TestSnapshotAndCreateFromIt(t *testing.T) {
+	ctx := context.Background()
+	n, rt, st := setup(t, 4)
+	parent := create(t, n, "p1", func(r *node.CreateRequest) { r.EnvdToken = "t1" })
+	snap, err := n.Snapshot(ctx, "p1", "s1")
+	if err != nil || snap.ID != "s1" || snap.SandboxID != "p1" {
+		t.Fatalf("snapshot %+v %v", snap, err)
+	}
+	// The parent runs on, its end time untouched.
+	if got, _ := n.Get("p1"); got.State != store.StateRunning || !got.EndAt.Equal(parent.EndAt) {
+		t.Fatalf("parent after snapshot %+v", got)
+	}
+	var spec runtime.CreateSpec
+	rt.FailCreate = func(s runtime.CreateSpec) error { spec = s; return nil }
+	c := create(t, n, "c1", func(r *node.CreateRequest) {
+		r.SnapshotID, r.SnapshotAccessToken, r.EnvdToken = "s1", "t1", "t2"
+	})
+	if c.State != store.StateRunning || spec.SnapshotID != "s1" || spec.SnapshotAccessToken != "t1" || spec.AccessToken != "t2" {
+		t.Fatalf("create from snapshot: %+v, spec %+v", c, spec)
+	}
+	evs, _ := st.ListEvents(ctx, "p1", "", false, 0)
+	if last := evs[len(evs)-1]; last.Kind != "snapshot" {
+		t.Fatalf("no snapshot event: %+v", last)
+	}
+	if _, err := n.Snapshot(ctx, "p1", "s1"); !errs.Is(err, errs.AlreadyExists) {
+		t.Fatalf("same snapshot id twice: %v", err)
+	}
+	if _, err := n.Snapshot(ctx, "nope", "s2"); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("unknown sandbox: %v", err)
+	}
+	if err := n.Pause(ctx, "p1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Snapshot(ctx, "p1", "s3"); !errs.Is(err, errs.Conflict) {
+		t.Fatalf("paused sandbox: %v", err)
+	}
+	if err := n.DeleteSnapshot(ctx, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Create(ctx, node.CreateRequest{ID: "c2", KeyID: "k", Template: tpl, Timeout: time.Minute, SnapshotID: "s1"}); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("create from a deleted snapshot: %v", err)
+	}
+	if n.Free() != 3 {
+		t.Fatalf("free %d: the failed create kept its slot", n.Free())
+	}
+}

@@ -61,8 +61,12 @@ type CreateSpec struct {
 	Resources   Resources
 	Env         map[string]string // environment for the agent (/init)
 	AccessToken string            // envd access token ("" = none)
-	Net         NetSlot
-	Labels      map[string]string
+	// SnapshotAccessToken is the envd token the agent in SnapshotID holds
+	// (its source sandbox's, "" = none): the agent accepts a new token and
+	// environment only from a caller that presents it.
+	SnapshotAccessToken string
+	Net                 NetSlot
+	Labels              map[string]string
 }
 
 // Info describes a sandbox known to a runtime.

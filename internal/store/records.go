@@ -8,8 +8,10 @@ import (
 	"database/sql"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -255,43 +257,151 @@ type Snapshot struct {
 	CreatedAt  time.Time
 }
 
-// CreateSnapshot records a snapshot.
+// CreateSnapshot records a snapshot. Names are unique per key: a name the
+// key already gave to another snapshot moves to this one (the newest
+// snapshot of a name is the one the name resolves to, as E2B assigns a new
+// build to an existing snapshot template).
 func (s *Store) CreateSnapshot(ctx context.Context, sn *Snapshot) error {
 	if sn.CreatedAt.IsZero() {
 		sn.CreatedAt = time.Now().UTC()
 	}
 	names, _ := json.Marshal(append([]string{}, sn.Names...))
-	_, err := s.exec(ctx, `INSERT INTO snapshots (id, key_id, sandbox_id, template_id, names, node_id, created_at) VALUES (?,?,?,?,?,?,?)`,
-		sn.ID, sn.KeyID, sn.SandboxID, sn.TemplateID, string(names), sn.NodeID, ms(sn.CreatedAt))
-	return dbErr(err, "create snapshot %s", sn.ID)
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		if len(sn.Names) > 0 && s.dialect == Postgres {
+			// Serialise the key's named snapshots (SQLite transactions are
+			// already exclusive): a name must end on one snapshot only.
+			if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(4243, hashtext($1))`, sn.KeyID); err != nil {
+				return dbErr(err, "create snapshot %s", sn.ID)
+			}
+		}
+		if len(sn.Names) > 0 {
+			rows, err := tx.QueryContext(ctx, s.rebind(`SELECT id, names FROM snapshots WHERE key_id = ?`), sn.KeyID)
+			if err != nil {
+				return dbErr(err, "create snapshot %s", sn.ID)
+			}
+			moved := map[string][]string{}
+			for rows.Next() {
+				var id, raw string
+				if err := rows.Scan(&id, &raw); err != nil {
+					rows.Close()
+					return dbErr(err, "create snapshot %s", sn.ID)
+				}
+				var have []string
+				_ = json.Unmarshal([]byte(raw), &have)
+				keep := make([]string, 0, len(have))
+				for _, n := range have {
+					if !slices.Contains(sn.Names, n) {
+						keep = append(keep, n)
+					}
+				}
+				if len(keep) != len(have) {
+					moved[id] = keep
+				}
+			}
+			rows.Close()
+			if err := rows.Err(); err != nil {
+				return dbErr(err, "create snapshot %s", sn.ID)
+			}
+			for id, keep := range moved {
+				b, _ := json.Marshal(keep)
+				if _, err := tx.ExecContext(ctx, s.rebind(`UPDATE snapshots SET names = ? WHERE id = ?`), string(b), id); err != nil {
+					return dbErr(err, "create snapshot %s", sn.ID)
+				}
+			}
+		}
+		_, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO snapshots (id, key_id, sandbox_id, template_id, names, node_id, created_at) VALUES (?,?,?,?,?,?,?)`),
+			sn.ID, sn.KeyID, sn.SandboxID, sn.TemplateID, string(names), sn.NodeID, ms(sn.CreatedAt))
+		return dbErr(err, "create snapshot %s", sn.ID)
+	})
 }
 
-// ListSnapshots returns the snapshots of key (and sandbox, if not "").
-func (s *Store) ListSnapshots(ctx context.Context, keyID, sandboxID string) ([]*Snapshot, error) {
-	q := `SELECT id, key_id, sandbox_id, template_id, names, node_id, created_at FROM snapshots WHERE key_id = ?`
-	args := []any{keyID}
-	if sandboxID != "" {
-		q += ` AND sandbox_id = ?`
-		args = append(args, sandboxID)
+const snapshotCols = `id, key_id, sandbox_id, template_id, names, node_id, created_at`
+
+func scanSnapshot(r scanner) (*Snapshot, error) {
+	var sn Snapshot
+	var names string
+	var c int64
+	if err := r.Scan(&sn.ID, &sn.KeyID, &sn.SandboxID, &sn.TemplateID, &names, &sn.NodeID, &c); err != nil {
+		return nil, err
 	}
-	rows, err := s.query(ctx, q+` ORDER BY created_at DESC, id`, args...)
+	_ = json.Unmarshal([]byte(names), &sn.Names)
+	sn.CreatedAt = fromMS(c)
+	return &sn, nil
+}
+
+// SnapshotFilter selects snapshots for ListSnapshots.
+type SnapshotFilter struct {
+	KeyID     string // required: a key sees only its own snapshots
+	SandboxID string // "" = any source sandbox
+	Name      string // "" = any; else the snapshot's id or one of its names
+	Limit     int    // 0 = no limit
+	Cursor    string // from a previous page
+}
+
+// ListSnapshots returns one page of the snapshots of f.KeyID, newest
+// first, and the cursor of the next page ("" when this is the last).
+func (s *Store) ListSnapshots(ctx context.Context, f SnapshotFilter) ([]*Snapshot, string, error) {
+	q := `SELECT ` + snapshotCols + ` FROM snapshots WHERE key_id = ?`
+	args := []any{f.KeyID}
+	if f.SandboxID != "" {
+		q += ` AND sandbox_id = ?`
+		args = append(args, f.SandboxID)
+	}
+	if f.Cursor != "" {
+		at, id, err := decodeCursor(f.Cursor)
+		if err != nil {
+			return nil, "", err
+		}
+		q += ` AND (created_at < ? OR (created_at = ? AND id < ?))`
+		args = append(args, at, at, id)
+	}
+	rows, err := s.query(ctx, q+` ORDER BY created_at DESC, id DESC`, args...)
 	if err != nil {
-		return nil, dbErr(err, "list snapshots")
+		return nil, "", dbErr(err, "list snapshots")
 	}
 	defer rows.Close()
 	var out []*Snapshot
+	next := ""
 	for rows.Next() {
-		var sn Snapshot
-		var names string
-		var c int64
-		if err := rows.Scan(&sn.ID, &sn.KeyID, &sn.SandboxID, &sn.TemplateID, &names, &sn.NodeID, &c); err != nil {
-			return nil, dbErr(err, "list snapshots")
+		sn, err := scanSnapshot(rows)
+		if err != nil {
+			return nil, "", dbErr(err, "list snapshots")
 		}
-		_ = json.Unmarshal([]byte(names), &sn.Names)
-		sn.CreatedAt = fromMS(c)
-		out = append(out, &sn)
+		if f.Name != "" && sn.ID != f.Name && !slices.Contains(sn.Names, f.Name) {
+			continue
+		}
+		if f.Limit > 0 && len(out) == f.Limit {
+			last := out[len(out)-1]
+			next = encodeCursor(ms(last.CreatedAt), last.ID)
+			break
+		}
+		out = append(out, sn)
 	}
-	return out, dbErr(rows.Err(), "list snapshots")
+	if err := rows.Err(); err != nil {
+		return nil, "", dbErr(err, "list snapshots")
+	}
+	return out, next, nil
+}
+
+// GetSnapshot returns the snapshot of key whose id is idOrName, or else
+// the newest one carrying the name idOrName. NotFound otherwise (another
+// key's snapshot does not exist for this key).
+func (s *Store) GetSnapshot(ctx context.Context, keyID, idOrName string) (*Snapshot, error) {
+	sn, err := scanSnapshot(s.queryRow(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE id = ? AND key_id = ?`, idOrName, keyID))
+	if err == nil {
+		return sn, nil
+	}
+	if !errors.Is(err, sql.ErrNoRows) {
+		return nil, dbErr(err, "get snapshot")
+	}
+	all, _, err := s.ListSnapshots(ctx, SnapshotFilter{KeyID: keyID, Name: idOrName, Limit: 1})
+	if err != nil {
+		return nil, err
+	}
+	if len(all) == 0 {
+		return nil, errs.E(errs.NotFound, "snapshot %q not found", idOrName)
+	}
+	return all[0], nil
 }
 
 // DeleteSnapshot removes a snapshot record of key.

@@ -217,6 +217,8 @@ var migrations = []string{
 		at BIGINT NOT NULL
 	);
 	CREATE INDEX events_sandbox ON events (sandbox_id, id);`,
+	// 2: listing a key's snapshots newest first (GET /snapshots).
+	`CREATE INDEX snapshots_key_created ON snapshots (key_id, created_at, id)`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -27,7 +27,7 @@ func TestSQLite(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s2.Close()
-	if v, _ := s2.SchemaVersion(ctx); v != 1 {
+	if v, _ := s2.SchemaVersion(ctx); v != 2 {
 		t.Fatalf("schema version %d", v)
 	}
 	if ks, _ := s2.ListAPIKeys(ctx); len(ks) != 2 {
@@ -52,7 +52,7 @@ func TestPostgres(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s2.Close()
-	if v, _ := s2.SchemaVersion(ctx); v != 1 {
+	if v, _ := s2.SchemaVersion(ctx); v != 2 {
 		t.Fatalf("schema version %d", v)
 	}
 }
@@ -257,12 +257,89 @@ func suite(t *testing.T, s *store.Store) {
 		if err := s.CreateSnapshot(ctx, &store.Snapshot{ID: "snap1", KeyID: "k1", SandboxID: "sb00", TemplateID: "tpl1", Names: []string{"a"}}); err != nil {
 			t.Fatal(err)
 		}
-		sn, _ := s.ListSnapshots(ctx, "k1", "")
-		if len(sn) != 1 || sn[0].Names[0] != "a" {
-			t.Fatal(sn)
+		sn, next, err := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k1"})
+		if err != nil || len(sn) != 1 || sn[0].Names[0] != "a" || next != "" {
+			t.Fatal(sn, next, err)
 		}
 		if err := s.DeleteSnapshot(ctx, "k2", "snap1"); !errs.Is(err, errs.NotFound) {
 			t.Fatal("another key deleted a snapshot")
+		}
+		if _, err := s.GetSnapshot(ctx, "k2", "snap1"); !errs.Is(err, errs.NotFound) {
+			t.Fatal("another key sees a snapshot:", err)
+		}
+		if err := s.CreateSnapshot(ctx, &store.Snapshot{ID: "snap1", KeyID: "k1", SandboxID: "x"}); !errs.Is(err, errs.AlreadyExists) {
+			t.Fatal("duplicate id:", err)
+		}
+		// A name moves to the newest snapshot given it; ids and names both resolve.
+		base := time.Now().Truncate(time.Millisecond).UTC()
+		for i, id := range []string{"snap2", "snap3", "snap4"} {
+			names := []string{"a"}
+			if id == "snap3" {
+				names = []string{"b"}
+			}
+			if err := s.CreateSnapshot(ctx, &store.Snapshot{ID: id, KeyID: "k1", SandboxID: "sb01", TemplateID: "tpl1", Names: names, NodeID: "local", CreatedAt: base.Add(time.Duration(i+1) * time.Second)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.CreateSnapshot(ctx, &store.Snapshot{ID: "other", KeyID: "k2", SandboxID: "sb01", Names: []string{"a"}})
+		got, err := s.GetSnapshot(ctx, "k1", "a")
+		if err != nil || got.ID != "snap4" || got.NodeID != "local" || got.TemplateID != "tpl1" || !got.CreatedAt.Equal(base.Add(3*time.Second)) {
+			t.Fatalf("name a: %+v %v", got, err)
+		}
+		if got, err := s.GetSnapshot(ctx, "k1", "snap2"); err != nil || got.ID != "snap2" || len(got.Names) != 0 {
+			t.Fatalf("snap2 (its name moved on): %+v %v", got, err)
+		}
+		if got, err := s.GetSnapshot(ctx, "k1", "b"); err != nil || got.ID != "snap3" {
+			t.Fatalf("name b: %+v %v", got, err)
+		}
+		if _, err := s.GetSnapshot(ctx, "k1", "zzz"); !errs.Is(err, errs.NotFound) {
+			t.Fatal(err)
+		}
+		// Paging: newest first, two at a time, with a sandbox filter.
+		var seen []string
+		cur := ""
+		for pages := 0; ; pages++ {
+			page, next, err := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k1", SandboxID: "sb01", Limit: 2, Cursor: cur})
+			if err != nil || pages > 3 {
+				t.Fatal(err, pages)
+			}
+			for _, p := range page {
+				seen = append(seen, p.ID)
+			}
+			if next == "" {
+				break
+			}
+			cur = next
+		}
+		if fmt.Sprint(seen) != "[snap4 snap3 snap2]" {
+			t.Fatalf("pages %v", seen)
+		}
+		if page, _, _ := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k1", Name: "b"}); len(page) != 1 || page[0].ID != "snap3" {
+			t.Fatalf("name filter %v", page)
+		}
+		if _, _, err := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k1", Cursor: "!!"}); !errs.Is(err, errs.InvalidArgument) {
+			t.Fatal("bad cursor:", err)
+		}
+		// Racing snapshots with one name: the name ends on exactly one.
+		var wg sync.WaitGroup
+		for i := 0; i < 8; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := s.CreateSnapshot(ctx, &store.Snapshot{ID: fmt.Sprintf("race%d", i), KeyID: "k3", SandboxID: "sb", Names: []string{"r"}}); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		if all, _, _ := s.ListSnapshots(ctx, store.SnapshotFilter{KeyID: "k3", Name: "r"}); len(all) != 1 {
+			t.Fatalf("name r on %d snapshots", len(all))
+		}
+		if err := s.DeleteSnapshot(ctx, "k1", "snap3"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.GetSnapshot(ctx, "k1", "b"); !errs.Is(err, errs.NotFound) {
+			t.Fatal("deleted snapshot's name still resolves:", err)
 		}
 		if err := s.PutNode(ctx, &store.Node{ID: "local", Runtime: "gvisor", Capacity: 8, State: "ready", HeartbeatAt: time.Now()}); err != nil {
 			t.Fatal(err)

@@ -106,6 +106,64 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     }
   })
 
+  test('snapshots: createSnapshot, create from it, listSnapshots, fork, deleteSnapshot', async () => {
+    const sbx = await Sandbox.create('base', { metadata: { case: 'snap' } })
+    const made = []
+    try {
+      await sbx.files.write('/home/user/snap.txt', 'before snapshot')
+      const snap = await sbx.createSnapshot({ name: 'e2e-snap' })
+      assert.match(snap.snapshotId, /^[a-z0-9]+$/)
+      assert.deepEqual(snap.names, ['e2e-snap'])
+      // The sandbox keeps running and goes on changing.
+      assert.equal(await sbx.isRunning(), true)
+      await sbx.files.write('/home/user/snap.txt', 'after snapshot')
+      // Create from the snapshot by id and by name: the file as it was.
+      const fromId = await Sandbox.create(snap.snapshotId, { timeoutMs: 120_000 })
+      made.push(fromId)
+      assert.equal(await fromId.files.read('/home/user/snap.txt'), 'before snapshot')
+      const fromName = await Sandbox.create('e2e-snap', { timeoutMs: 120_000 })
+      made.push(fromName)
+      assert.equal((await fromName.commands.run('cat /home/user/snap.txt')).stdout, 'before snapshot')
+      assert.notEqual(fromId.sandboxId, fromName.sandboxId)
+      // List, filter, page; another key sees none of them.
+      const snap2 = await Sandbox.createSnapshot(sbx.sandboxId)
+      assert.deepEqual(snap2.names, [])
+      const listed = await Sandbox.listSnapshots({ sandboxId: sbx.sandboxId, name: 'e2e-snap' }).nextItems()
+      assert.deepEqual(listed, [{ snapshotId: snap.snapshotId, names: ['e2e-snap'] }])
+      const p = Sandbox.listSnapshots({ sandboxId: sbx.sandboxId, limit: 1 })
+      const ids = []
+      while (p.hasNext) ids.push(...(await p.nextItems()).map((s) => s.snapshotId))
+      assert.deepEqual(ids.sort(), [snap.snapshotId, snap2.snapshotId].sort())
+      assert.deepEqual(await Sandbox.listSnapshots({ apiKey: srv.key2 }).nextItems(), [])
+      // Fork: two sandboxes with the parent's current state that diverge.
+      const forks = await sbx.fork({ count: 2, timeoutMs: 120_000 })
+      assert.equal(forks.length, 2)
+      for (const f of forks) {
+        assert.ok(f instanceof Sandbox, `fork failed: ${f}`)
+        made.push(f)
+        assert.equal(await f.files.read('/home/user/snap.txt'), 'after snapshot')
+        await f.files.write('/home/user/snap.txt', f.sandboxId)
+      }
+      assert.notEqual(forks[0].sandboxId, forks[1].sandboxId)
+      for (const f of forks) assert.equal((await f.commands.run('cat /home/user/snap.txt')).stdout, f.sandboxId)
+      assert.equal(await sbx.files.read('/home/user/snap.txt'), 'after snapshot')
+      await assert.rejects(Sandbox.fork(sbx.sandboxId, { count: 2, apiKey: srv.key2 }), errors.SandboxNotFoundError ?? Error)
+      // Delete: true once, then false; the sandboxes made from it run on.
+      assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId, { apiKey: srv.key2 }), false)
+      assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), true)
+      assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), false)
+      assert.equal(await Sandbox.deleteSnapshot(snap2.snapshotId), true)
+      await assert.rejects(Sandbox.deleteSnapshot('base'))
+      await assert.rejects(Sandbox.create(snap.snapshotId))
+      assert.deepEqual(await Sandbox.listSnapshots({ sandboxId: sbx.sandboxId }).nextItems(), [])
+      assert.equal((await fromId.commands.run('cat /home/user/snap.txt')).stdout, 'before snapshot')
+      assert.equal(await Sandbox.create('base').then((s) => { made.push(s); return s.isRunning() }), true)
+    } finally {
+      for (const s of made) await Sandbox.kill(s.sandboxId)
+      await sbx.kill()
+    }
+  })
+
   test('list filters by metadata and state', async () => {
     const a = await Sandbox.create('base', { metadata: { team: 'red', run: 'list' } })
     const b = await Sandbox.create('base', { metadata: { team: 'blue', run: 'list' } })
@@ -162,7 +220,14 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     const bg = await run.commands.run('sleep 600', { background: true })
     await pau.files.write('/home/user/state.txt', 'paused state')
     await pau.pause()
+    const keep = await run.createSnapshot({ name: 'e2e-crash' })
     await srv.restart('SIGKILL')
+    // Snapshots are in the store and on disk: listed and usable after the crash.
+    assert.deepEqual(await Sandbox.listSnapshots({ name: 'e2e-crash' }).nextItems(), [{ snapshotId: keep.snapshotId, names: ['e2e-crash'] }])
+    const fromKeep = await Sandbox.create('e2e-crash')
+    assert.equal(await fromKeep.files.read('/home/user/state.txt'), 'survives')
+    assert.equal(await fromKeep.kill(), true)
+    assert.equal(await Sandbox.deleteSnapshot(keep.snapshotId), true)
     const info = await Sandbox.getInfo(run.sandboxId)
     assert.equal(info.state, 'running')
     assert.equal(await run.files.read('/home/user/state.txt'), 'survives')

@@ -380,7 +380,7 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 		if t.Workdir != "" {
 			body["defaultWorkdir"] = t.Workdir
 		}
-		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body); err != nil {
+		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body, ""); err != nil {
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: agent init", t.ID))
 		}
 	}
@@ -660,7 +660,7 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	m.Labels = spec.Labels
 	m.StartedAt = time.Now().UTC()
 	s.meta = m
-	if err := r.initAgent(ctx, &m, spec.Env, spec.AccessToken); err != nil {
+	if err := r.initAgent(ctx, &m, spec.Env, spec.AccessToken, spec.SnapshotAccessToken); err != nil {
 		r.destroyMeta(ctx, &m)
 		return fail(errs.Wrap(errs.Unavailable, err, "create sandbox %s: agent", spec.ID))
 	}
@@ -676,8 +676,9 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 
 // initAgent hands the agent the sandbox's environment and access token
 // (envd POST /init, with the time and fresh entropy for agents that manage
-// them).
-func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token string) error {
+// them). auth is the token the agent already holds (a sandbox restored
+// from a snapshot of a sandbox that had one).
+func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]string, token, auth string) error {
 	// gVisor serves time and randomness from the host, so a restored
 	// sandbox needs /init only for its environment and token.
 	if len(env) == 0 && token == "" {
@@ -690,7 +691,7 @@ func (r *Runtime) initAgent(ctx context.Context, m *sandboxMeta, env map[string]
 	if token != "" {
 		req["accessToken"] = token
 	}
-	return r.postInit(ctx, func(ctx context.Context) (net.Conn, error) { return r.dial(ctx, m, runtime.EnvdPort) }, req)
+	return r.postInit(ctx, func(ctx context.Context) (net.Conn, error) { return r.dial(ctx, m, runtime.EnvdPort) }, req, auth)
 }
 
 func entropy() string {
@@ -701,7 +702,7 @@ func entropy() string {
 
 // postInit sends POST /init to the agent; an agent without /init (404,
 // 501) is tolerated with a warning.
-func (r *Runtime) postInit(ctx context.Context, dial func(context.Context) (net.Conn, error), body map[string]any) error {
+func (r *Runtime) postInit(ctx context.Context, dial func(context.Context) (net.Conn, error), body map[string]any, auth string) error {
 	client := &http.Client{Transport: &http.Transport{
 		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 		DisableKeepAlives: true,
@@ -709,6 +710,9 @@ func (r *Runtime) postInit(ctx context.Context, dial func(context.Context) (net.
 	b, _ := json.Marshal(body)
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://sandbox/init", strings.NewReader(string(b)))
 	req.Header.Set("Content-Type", "application/json")
+	if auth != "" {
+		req.Header.Set("X-Access-Token", auth)
+	}
 	resp, err := client.Do(req)
 	if err != nil {
 		return err

@@ -109,6 +109,9 @@ type sandbox struct {
 	mu  sync.Mutex
 	rec record
 	dir string
+	// initAuth is the token the restored agent holds when it is not
+	// rec.Token (a create from a snapshot of a sandbox that had one).
+	initAuth string
 }
 
 // Runtime is the microVM runtime.
@@ -453,6 +456,7 @@ func (r *Runtime) Create(ctx context.Context, spec runtime.CreateSpec) (runtime.
 	sb.rec = record{ID: spec.ID, TemplateID: tm.ID, Net: spec.Net, Resources: spec.Resources, Labels: spec.Labels,
 		Base: tm.Base, Snap: snap, Env: spec.Env, Token: spec.AccessToken}
 	sb.rec.Resources.MemoryMB, sb.rec.Resources.CPUCount = tm.MemMiB, tm.VCPUs
+	sb.initAuth = spec.SnapshotAccessToken
 	if err := r.run(ctx, sb); err != nil {
 		return runtime.Info{}, err
 	}
@@ -488,7 +492,11 @@ func (r *Runtime) run(ctx context.Context, sb *sandbox) error {
 		return err
 	}
 	rec.PID, rec.Socket, rec.State, rec.StartedAt = v.pid, v.socket, runtime.StateRunning, time.Now()
-	if err := agentInit(ctx, uds, initBody(rec.Env, rec.Token)); err != nil {
+	auth := rec.Token
+	if sb.initAuth != "" {
+		auth, sb.initAuth = sb.initAuth, ""
+	}
+	if err := agentInitAs(ctx, uds, initBody(rec.Env, rec.Token), auth); err != nil {
 		v.kill()
 		return errs.Wrap(errs.Unavailable, err, "agent init after restore")
 	}
@@ -751,6 +759,13 @@ func initBody(env map[string]string, token string) map[string]any {
 // agentInit posts body to /init on the envd port, retrying while the
 // agent's vsock listener comes back after the transport reset.
 func agentInit(ctx context.Context, uds string, body map[string]any) error {
+	tok, _ := body["accessToken"].(string)
+	return agentInitAs(ctx, uds, body, tok)
+}
+
+// agentInitAs is agentInit presenting auth as X-Access-Token (the token the
+// agent holds, "" = none).
+func agentInitAs(ctx context.Context, uds string, body map[string]any, auth string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	raw, _ := json.Marshal(body)
@@ -764,8 +779,8 @@ func agentInit(ctx context.Context, uds string, body map[string]any) error {
 		}
 		req, _ := http.NewRequestWithContext(ctx, "POST", "http://sandbox/init", bytes.NewReader(raw))
 		req.Header.Set("Content-Type", "application/json")
-		if tok, _ := body["accessToken"].(string); tok != "" {
-			req.Header.Set("X-Access-Token", tok)
+		if auth != "" {
+			req.Header.Set("X-Access-Token", auth)
 		}
 		resp, err := hc.Do(req)
 		if err == nil {

@@ -175,6 +175,14 @@ func TestAgentInitOverVsock(t *testing.T) {
 	if string(ents[0]) == string(ents[1]) {
 		t.Fatal("two restores got the same entropy")
 	}
+	// A restore from a snapshot of a sandbox with a token presents that
+	// token while setting the new one.
+	if err := agentInitAs(ctx, uds, initBody(nil, "new"), "old"); err != nil {
+		t.Fatal(err)
+	}
+	if last := got[len(got)-1]; last.AccessToken == nil || *last.AccessToken != "new" || tokens[len(tokens)-1] != "old" {
+		t.Fatalf("init with the snapshot's token: %+v, header %q", last, tokens[len(tokens)-1])
+	}
 	// A refused CONNECT is a clear Unavailable error.
 	if _, err := DialVsock(ctx, uds+"-missing", 1); errs.KindOf(err) != errs.Unavailable {
 		t.Fatalf("dial missing socket: %v", err)

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -140,6 +141,18 @@ func (f *Fake) Calls(method string) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.calls[method]
+}
+
+// Snapshots returns the ids of the snapshots the fake keeps.
+func (f *Fake) Snapshots() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]string, 0, len(f.snaps))
+	for id := range f.snaps {
+		out = append(out, id)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Adopt inserts a sandbox as if a previous process had left it running
@@ -282,6 +295,7 @@ func (f *Fake) Resume(ctx context.Context, id string, n runtime.NetSlot) (runtim
 func (f *Fake) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.calls["Snapshot"]++
 	sb, err := f.get(id)
 	if err != nil {
 		return runtime.Snapshot{}, err
@@ -301,6 +315,7 @@ func (f *Fake) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Sna
 func (f *Fake) DeleteSnapshot(ctx context.Context, snapshotID string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.calls["DeleteSnapshot"]++
 	if _, ok := f.snaps[snapshotID]; !ok {
 		return errs.E(errs.NotFound, "snapshot %q not found", snapshotID)
 	}
