@@ -93,3 +93,19 @@ func newestKernel(cache string) string {
 	}
 	return best
 }
+
+// newMicroVMBaker opens the microvm runtime's state (the server's,
+// DataDir/microvm) for `cube tpl`: templates only, beside a running
+// server, no pool.
+func newMicroVMBaker(c config.Config, log *slog.Logger) (runtime.Runtime, error) {
+	if k := (hostinfo.Probe{}).Kind(); k != hostinfo.KVMHardware {
+		return nil, errs.E(errs.FailedPrecondition,
+			"baking a microvm template needs hardware KVM (VT-x/AMD-V with kvm_intel or kvm_amd); this host is %s: use --runtime gvisor (or auto)", k)
+	}
+	kernel, err := serverKernel(c)
+	if err != nil {
+		return nil, err
+	}
+	return microvm.New(microvm.Options{Dir: filepath.Join(c.DataDir, "microvm"), Kernel: kernel, TemplatesOnly: true,
+		Log: log.With("component", "microvm")})
+}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/config"
 	"github.com/cubesandbox/cube/internal/errs"
+	"github.com/cubesandbox/cube/internal/hostinfo"
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/gvisor"
 	"github.com/cubesandbox/cube/internal/template"
@@ -74,7 +75,7 @@ func findAgent(cfg config.Config) string {
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
 // newTplEnv opens the catalog and, if withRuntime, the runtime that bakes
-// (gVisor; the microVM runtime plugs in here when it lands).
+// (tplRuntime: the one the server runs).
 func newTplEnv(ctx context.Context, withRuntime bool) (*tplEnv, error) {
 	cfg, err := loadConfig()
 	if err != nil {
@@ -90,17 +91,39 @@ func newTplEnv(ctx context.Context, withRuntime bool) (*tplEnv, error) {
 		Catalog: cat, Log: newLogger(cfg),
 	}
 	if withRuntime {
-		runsc, err := findRunsc(cfg)
-		if err != nil {
-			return nil, err
-		}
-		rt, err := gvisor.New(ctx, gvisor.Options{DataDir: cfg.DataDir, RunscPath: runsc, Logger: newLogger(cfg), TemplatesOnly: true})
+		rt, err := tplRuntime(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}
 		e.rt, e.builder.Runtime = rt, rt
 	}
 	return e, nil
+}
+
+// tplRuntimeName is `cube tpl --runtime` ("" = config runtime).
+var tplRuntimeName string
+
+// tplRuntime opens the runtime that bakes: the one `cube server` runs
+// (--runtime, else config runtime / CUBE_RUNTIME, auto = by host kind), so
+// that the server finds the template baked in its own state under the
+// data dir. Templates only: safe beside a running server.
+func tplRuntime(ctx context.Context, cfg config.Config) (runtime.Runtime, error) {
+	if tplRuntimeName != "" {
+		cfg.Runtime = tplRuntimeName
+	}
+	log := newLogger(cfg)
+	switch name := runtimeName(cfg.Runtime, hostinfo.Probe{}.Kind(), log); name {
+	case "gvisor":
+		runsc, err := findRunsc(cfg)
+		if err != nil {
+			return nil, err
+		}
+		return gvisor.New(ctx, gvisor.Options{DataDir: cfg.DataDir, RunscPath: runsc, Logger: log, TemplatesOnly: true})
+	case "microvm":
+		return newMicroVMBaker(cfg, log)
+	default:
+		return nil, errs.E(errs.InvalidArgument, "unknown runtime %q (auto, gvisor or microvm)", name)
+	}
 }
 
 // progress draws a template build on a progress bar (one step per phase).
@@ -506,6 +529,7 @@ func tplDeleteCmd() *cobra.Command {
 func init() {
 	addCommand(func() *cobra.Command {
 		c := &cobra.Command{Use: "tpl", Short: "Templates: build from OCI images or built-in recipes, list, delete"}
+		c.PersistentFlags().StringVar(&tplRuntimeName, "runtime", "", "runtime that bakes (and deletes) templates: auto, gvisor or microvm; use the one `cube server` runs (default: config runtime / CUBE_RUNTIME, auto = microvm on kvm-hardware hosts, else gvisor)")
 		c.AddCommand(tplCreateBuiltinCmd(), tplCreateFromImageCmd(), tplWatchCmd(), tplListCmd(), tplInfoCmd(), tplDeleteCmd())
 		return c
 	})

@@ -48,6 +48,15 @@ done
 cp /bin/busybox "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 install -m 0755 "$here/init.sh" "$root/init"
+# mkfs.ext4 (e2fsprogs, dynamically linked: with its libraries and the
+# loader), for the template builder inside L1 (TestServerMicroVM: `cube tpl
+# create-from-image` makes each template's ext4 image with mkfs.ext4 -d).
+mke2fs=$(command -v mke2fs || echo /sbin/mke2fs)
+cp "$mke2fs" "$root/sbin/mke2fs" && ln -s mke2fs "$root/sbin/mkfs.ext4"
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+for lib in $(ldd "$mke2fs" | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"
+done
 mods=$l1/lib/modules/$rel/kernel
 declare -A seen=()
 order=()

@@ -60,6 +60,10 @@ type Options struct {
 	// BootTimeout bounds a template boot until its probe answers.
 	BootTimeout time.Duration
 	Log         *slog.Logger
+	// TemplatesOnly opens the state for baking and deleting templates
+	// beside a running server (the CLI, `cube tpl`): no re-adoption of
+	// sandboxes, no cleanup of another process's pool, no pool.
+	TemplatesOnly bool
 }
 
 // Guest defaults.
@@ -148,7 +152,11 @@ func New(o Options) (*Runtime, error) {
 		}
 	}
 	r := &Runtime{o: o, log: o.Log, sandboxes: map[string]*sandbox{}}
-	r.adopt()
+	if o.TemplatesOnly {
+		o.PoolSize = 0
+	} else {
+		r.adopt()
+	}
 	r.pool = newVMMPool(r, o.PoolSize)
 	return r, nil
 }
