@@ -97,6 +97,11 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	if name == "" {
 		name = "vmm-restore-" + strconv.Itoa(os.Getpid())
 	}
+	if err := jail.CgroupsAvailable(); err != nil {
+		// Namespaces, fds and seccomp still apply.
+		fmt.Fprintf(os.Stderr, "cube vmm-restore: no usable cgroups (%v): the VMM runs without a cgroup of its own\n", err)
+		name = ""
+	}
 	sub := []string{"vmm-restore", "--guest=" + fl.guest}
 	for k, v := range map[string]string{"prepare": fl.prepare, "options": fl.optsFile, "tap-netns": fl.tapNetns} {
 		if v != "" {
