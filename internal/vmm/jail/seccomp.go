@@ -69,7 +69,8 @@ var Allowed = []uintptr{
 // older layers into the new directory (linkat; symlinkat when they are
 // on another filesystem). Files are created with openat, which is
 // argument-checked: see SnapshotProgram.
-var SnapshotAllowed = []uintptr{unix.SYS_MKDIRAT, unix.SYS_RENAMEAT, unix.SYS_LINKAT, unix.SYS_SYMLINKAT}
+// getcwd resolves a relative snapshot path (filepath.Abs).
+var SnapshotAllowed = []uintptr{unix.SYS_MKDIRAT, unix.SYS_RENAMEAT, unix.SYS_LINKAT, unix.SYS_SYMLINKAT, unix.SYS_GETCWD}
 
 // OpenatCreateWriteOnly is the only openat the snapshot filter lets
 // through: flags & (O_ACCMODE|O_CREAT|O_PATH) must equal O_WRONLY|O_CREAT
