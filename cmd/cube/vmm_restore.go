@@ -38,7 +38,7 @@ type restoreFlags struct {
 	jailed, noSeccomp, privateMounts         bool
 	uid, gid                                 int
 	cgroup, limitFDs                         string
-	apiFD, kvmFD                             int
+	apiFD, kvmFD, startFD                    int
 }
 
 func init() {
@@ -77,8 +77,9 @@ namespaces and its own cgroup, optionally as --uid/--gid (see docs/vmm.md).`,
 		f.IntVar(&fl.apiFD, "api-fd", 0, "inherited listening control socket fd (set by --jail)")
 		f.IntVar(&fl.kvmFD, "kvm-fd", 0, "inherited /dev/kvm fd (set by --jail)")
 		f.StringVar(&fl.limitFDs, "limit-fds", "", "inherited cgroup limit files (set by --jail)")
+		f.IntVar(&fl.startFD, "start-fd", 0, "wait for a byte on this inherited pipe before serving (set by --jail: joined the cgroup)")
 		f.BoolVar(&fl.privateMounts, "private-mounts", false, "make all mounts private (set by the launcher)")
-		for _, n := range []string{"api-fd", "kvm-fd", "limit-fds", "private-mounts"} {
+		for _, n := range []string{"api-fd", "kvm-fd", "limit-fds", "start-fd", "private-mounts"} {
 			_ = f.MarkHidden(n)
 		}
 		return cmd
@@ -143,6 +144,17 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 
 // runRestore is the VMM itself (jailed or not).
 func runRestore(fl restoreFlags) error {
+	if fl.startFD > 0 {
+		// The launcher writes one byte once this process is in its cgroup
+		// (EOF: it gave up; it kills us then anyway).
+		f := os.NewFile(uintptr(fl.startFD), "start")
+		var b [1]byte
+		n, _ := f.Read(b[:])
+		f.Close()
+		if n != 1 {
+			return fmt.Errorf("launcher went away before the VMM joined its cgroup")
+		}
+	}
 	var l net.Listener
 	if fl.apiFD > 0 {
 		f := os.NewFile(uintptr(fl.apiFD), "api")

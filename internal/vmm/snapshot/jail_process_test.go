@@ -204,10 +204,9 @@ func TestJailedRestoreVMM(t *testing.T) {
 			t.Errorf("namespace %s: vmm %q, test %q (%v)", ns, its, mine, err)
 		}
 	}
-	// Launch moves the VMM into its cgroup just after starting it: the
-	// control socket may answer a moment before.
-	var dirs map[string]string
-	st.WaitFor(5*time.Second, func() bool { dirs = cgroupDirs(t, v.pid, v.cg); return len(dirs) > 0 })
+	// The VMM serves only once it is in its cgroup (the launcher's start
+	// pipe).
+	dirs := cgroupDirs(t, v.pid, v.cg)
 	if _, v2 := dirs["v2"]; !v2 {
 		for _, c := range []string{"cpu", "memory", "pids"} {
 			if dirs[c] == "" {
@@ -229,7 +228,10 @@ func TestJailedRestoreVMM(t *testing.T) {
 			t.Errorf("status lacks %q:\n%s", want, status)
 		}
 	}
-	if !strings.Contains(v.stderr.String(), "seccomp probe: open /etc/hostname: open /etc/hostname: operation not permitted") {
+	// (stderr reaches the test through a pipe: give it a moment.)
+	if !st.WaitFor(5*time.Second, func() bool {
+		return strings.Contains(v.stderr.String(), "seccomp probe: open /etc/hostname: open /etc/hostname: operation not permitted")
+	}) {
 		t.Errorf("the probe open was not refused with EPERM:\n%s", v.stderr.String())
 	}
 	// Limits from the VM's size: 64 MiB + 256 MiB, 128 + 2 threads, 1 CPU.
@@ -337,8 +339,10 @@ func TestJailedRestoreSeccompKills(t *testing.T) {
 	orig, _ := takeSnapshot(t, base)
 	orig.VM.Close()
 	v := startJailed(t, work, "execve")
-	var dirs map[string]string
-	st.WaitFor(5*time.Second, func() bool { dirs = cgroupDirs(t, v.pid, v.cg); return len(dirs) > 0 })
+	dirs := cgroupDirs(t, v.pid, v.cg)
+	if len(dirs) == 0 {
+		t.Fatal("VMM not in its cgroup")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if _, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err == nil {

@@ -179,6 +179,7 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 		return nil, fmt.Errorf("launch: set LaunchConfig.Cgroup, not Options.Cgroup")
 	}
 	var cg *jail.Cgroup
+	var startGate *os.File
 	if c.Cgroup != "" {
 		if cg, err = jail.CreateCgroup(c.Cgroup, Limits(o)); err != nil {
 			return nil, err
@@ -202,6 +203,16 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 			}
 			args = append(args, "--limit-fds="+lf.Spec(3+len(files)))
 			files = append(files, lf.Files()...)
+			// The VMM waits on this pipe until it is in its cgroup,
+			// before it serves (or touches anything) at all.
+			pr, pw, err := os.Pipe()
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, "--start-fd="+strconv.Itoa(3+len(files)))
+			files = append(files, pr)
+			startGate = pw
+			defer pw.Close()
 		}
 	}
 	if c.Isolate && c.UID <= 0 && !c.SharedMounts {
@@ -236,6 +247,9 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 			cmd.Process.Kill()
 			cmd.Wait()
 			return nil, err
+		}
+		if startGate != nil {
+			startGate.Write([]byte{1})
 		}
 	}
 	go func() {
