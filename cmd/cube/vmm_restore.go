@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"os/signal"
 	goruntime "runtime"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 
@@ -122,6 +123,8 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	if err != nil {
 		return fmt.Errorf("launch vmm-restore: %w", err)
 	}
+	// The launcher idles for the sandbox's life: give back its heap.
+	debug.FreeOSMemory()
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	select {

@@ -32,7 +32,7 @@ var (
 // cubeBinary returns the cube executable: $CUBE_BIN/cube (make test), or
 // one built once into a world-readable temp dir (the jailed VMM runs it
 // as nobody); TestMain removes it.
-func cubeBinary(t *testing.T) string {
+func cubeBinary(t testing.TB) string {
 	t.Helper()
 	if d := os.Getenv("CUBE_BIN"); d != "" {
 		if p := filepath.Join(d, "cube"); fileOK(p) {
@@ -368,5 +368,74 @@ func TestJailedRestoreSeccompKills(t *testing.T) {
 		if fileOK(d) {
 			t.Errorf("cgroup %s left behind: %s", c, d)
 		}
+	}
+}
+
+// BenchmarkPrestartedVMMProcess: one sandbox's VMM life as the runtime
+// drives it: start `cube vmm-restore` (plain: no jail, no filter; jailed:
+// --jail and the seccomp filter, the runtime's default), wait until its
+// socket answers, restore the synthetic snapshot until the guest runs,
+// stop, wait for exit (and, jailed, the cgroup removal). Reported beside
+// each other in one run; launcher-RSS-KiB is the jail launcher's RSS and
+// launcher-anon-KiB its private (anonymous) part: the rest is the cube
+// binary's text, shared by every launcher and VMM.
+func BenchmarkPrestartedVMMProcess(b *testing.B) {
+	needKVM(b)
+	if os.Geteuid() != 0 || jail.CgroupsAvailable() != nil {
+		b.Skip("needs root and cgroups")
+	}
+	bin := cubeBinary(b)
+	dir := b.TempDir()
+	base := filepath.Join(dir, "base")
+	orig, _ := takeSnapshot(b, base)
+	orig.VM.Close()
+	for _, mode := range []string{"plain", "jailed"} {
+		b.Run(mode, func(b *testing.B) {
+			var launcherRSS, launcherAnon uint64
+			for i := 0; i < b.N; i++ {
+				sock := filepath.Join(dir, "b.sock")
+				args := []string{"vmm-restore", "--api-socket", sock}
+				if mode == "jailed" {
+					args = append(args, "--jail")
+				} else {
+					args = append(args, "--no-seccomp")
+				}
+				cmd := exec.Command(bin, args...)
+				cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+				if err := cmd.Start(); err != nil {
+					b.Fatal(err)
+				}
+				cl := vmmapi.NewClient(sock)
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				if _, err := cl.WaitReady(ctx); err != nil {
+					cmd.Process.Kill()
+					cmd.Wait()
+					cancel()
+					b.Fatal(err)
+				}
+				if _, err := cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err != nil {
+					cmd.Process.Kill()
+					cmd.Wait()
+					cancel()
+					b.Fatal(err)
+				}
+				if mode == "jailed" {
+					if m, err := st.ReadMem(cmd.Process.Pid); err == nil {
+						launcherRSS += m.RSS
+						launcherAnon += m.PSSAnon
+					}
+				}
+				cl.Stop(ctx)
+				err := cmd.Wait()
+				cancel()
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			if mode == "jailed" {
+				b.ReportMetric(float64(launcherRSS)/float64(b.N)/1024, "launcher-RSS-KiB")
+				b.ReportMetric(float64(launcherAnon)/float64(b.N)/1024, "launcher-anon-KiB")
+			}
+		})
 	}
 }
