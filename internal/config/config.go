@@ -47,7 +47,9 @@ type Config struct {
 
 	// VMMJail runs each microVM's VMM jailed (namespaces, cgroup, fds;
 	// docs/vmm.md); VMMSeccomp installs its seccomp filter. Turn them off
-	// only to debug. VMMUID/VMMGID > 0 run jailed VMMs as that user.
+	// only to debug. VMMUID/VMMGID > 0 run jailed VMMs as that user
+	// (then without network slots: opening a slot's tap in its netns
+	// needs CAP_SYS_ADMIN; templates and snapshot dirs must be its).
 	VMMJail    bool `json:"vmmJail" env:"CUBE_VMM_JAIL" default:"true"`
 	VMMSeccomp bool `json:"vmmSeccomp" env:"CUBE_VMM_SECCOMP" default:"true"`
 	VMMUID     int  `json:"vmmUID" env:"CUBE_VMM_UID" default:"0"`
