@@ -11,8 +11,6 @@
 package snaptest
 
 import (
-	"golang.org/x/sys/unix"
-
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -21,6 +19,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/vmm/boot"
 	"github.com/cubesandbox/cube/internal/vmm/devices"
