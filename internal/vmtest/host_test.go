@@ -39,7 +39,7 @@ func TestEmulatedMachine(t *testing.T) {
 	if kernel == "" || initrd == "" {
 		t.Skip("needs the L1 image: run `make vmtest` (sets CUBE_VMTEST_L1_KERNEL and CUBE_VMTEST_L1_INITRD)")
 	}
-	qemu, err := exec.LookPath("qemu-system-x86_64")
+	qemu, err := qemuBinary()
 	if err != nil {
 		t.Fatalf("qemu-system-x86_64 not found (apt package qemu-system-x86): %v", err)
 	}
@@ -302,7 +302,7 @@ func TestGuestKernelTCG(t *testing.T) {
 	if kernel == "" || rootfs == "" {
 		t.Skip("needs the guest kernel and root disk: run `make vmtest` (sets CUBE_VMTEST_GUEST_KERNEL and CUBE_VMTEST_GUEST_ROOTFS)")
 	}
-	qemu, err := exec.LookPath("qemu-system-x86_64")
+	qemu, err := qemuBinary()
 	if err != nil {
 		t.Fatalf("qemu-system-x86_64 not found (apt package qemu-system-x86): %v", err)
 	}
@@ -334,4 +334,12 @@ func TestGuestKernelTCG(t *testing.T) {
 	if !strings.HasPrefix(got, "@@cube-guest cube-vmtest-rootfs-ok 6.1") {
 		t.Fatalf("no marker from the guest's init (got %q; qemu: %v)", got, werr)
 	}
+}
+
+// qemuBinary is CUBE_VMTEST_QEMU if set, else qemu-system-x86_64 on PATH.
+func qemuBinary() (string, error) {
+	if p := os.Getenv("CUBE_VMTEST_QEMU"); p != "" {
+		return p, nil
+	}
+	return exec.LookPath("qemu-system-x86_64")
 }

@@ -33,6 +33,24 @@ func TestMicroVMRuntime(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rt.Close()
+	defer func() {
+		if !t.Failed() {
+			return
+		}
+		// Every VMM's log and guest console under the runtime's
+		// directory (pool VMMs, sandboxes, the template bake), tails only.
+		filepath.Walk(rt.Dir(), func(p string, fi os.FileInfo, err error) error {
+			if err != nil || fi.IsDir() || !strings.HasSuffix(p, ".log") {
+				return nil
+			}
+			b, _ := os.ReadFile(p)
+			if len(b) > 6000 {
+				b = b[len(b)-6000:]
+			}
+			t.Logf("%s (last %d bytes):\n%s", strings.TrimPrefix(p, rt.Dir()), len(b), b)
+			return nil
+		})
+	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	t0 := time.Now()

@@ -189,11 +189,13 @@ func TestSerialInterrupt(t *testing.T) {
 	if err := m.VM.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// Wait for both interrupts (however loaded the host), then a little
+	// longer so that a third, wrong one would show.
 	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(out.String(), "T") && time.Now().Before(deadline) {
+	for !strings.Contains(out.String(), "TT") && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
 	}
-	time.Sleep(20 * time.Millisecond)
+	time.Sleep(50 * time.Millisecond)
 	m.VM.Stop()
 	// Two interrupts: enabling THRI with THR empty raises one; the "T"
 	// the handler transmits empties THR again while THRI is still on and

@@ -56,7 +56,11 @@ func TestSnapshotMidPortIO(t *testing.T) {
 	if err := m.VM.Start(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(50 * time.Millisecond)
+	// Wait for progress rather than a fixed time: inside the emulated
+	// machine of make vmtest each port-I/O exit takes far longer.
+	for deadline := time.Now().Add(30 * time.Second); w0.count() < 5 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
 	if st := m.VM.State(); st.String() != "running" || w0.count() < 5 {
 		t.Fatalf("original guest: state %s, %d bytes (%+v)", st, w0.count(), m.VM.Wait())
 	}
@@ -80,7 +84,9 @@ func TestSnapshotMidPortIO(t *testing.T) {
 		if err := c.VM.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(20 * time.Millisecond)
+		for deadline := time.Now().Add(30 * time.Second); w.count() < 5 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
 		if err := c.VM.Pause(); err != nil {
 			t.Fatalf("clone %d: %v (%+v)", i, err, c.VM.Wait())
 		}
@@ -89,7 +95,10 @@ func TestSnapshotMidPortIO(t *testing.T) {
 		c.VM.Close()
 		// Over the original's life plus the clone's, every increment is
 		// followed by exactly one OUT (the last one may be pending).
-		if diff := (w0n + b) - int(c0) - d; d < 5 || diff < -1 || diff > 0 {
+		if d < 5 {
+			t.Fatalf("clone %d: only %d increments and %d bytes before the pause", i, d, b)
+		}
+		if diff := (w0n + b) - int(c0) - d; diff < -1 || diff > 0 {
 			t.Fatalf("clone %d: %d+%d bytes for %d+%d increments (an OUT was replayed or lost)", i, w0n, b, c0, d)
 		}
 	}
