@@ -121,14 +121,20 @@ func startJailed(t *testing.T, dir string, probe string, extra ...string) *jaile
 	}
 	go func() { v.done <- cmd.Wait() }()
 	t.Cleanup(func() {
+		// Kill the VMM and let the launcher remove the cgroup and exit;
+		// kill the launcher only if it lingers.
 		if v.pid > 0 {
 			syscall.Kill(v.pid, syscall.SIGKILL)
+		} else {
+			cmd.Process.Signal(syscall.SIGTERM)
 		}
-		cmd.Process.Kill()
 		select {
 		case <-v.done:
+			return
 		case <-time.After(10 * time.Second):
 		}
+		cmd.Process.Kill()
+		<-v.done
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
