@@ -92,7 +92,8 @@ type jailedVMM struct {
 	cl     *vmmapi.Client
 	pid    int // the VMM itself
 	stderr *syncBuf
-	done   chan error
+	done   chan struct{} // closed when the launcher has exited (err set)
+	err    error
 	cg     string
 }
 
@@ -112,14 +113,14 @@ func startJailed(t *testing.T, dir string, probe string, extra ...string) *jaile
 	cg := "test-restore-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatInt(time.Now().UnixNano()%1e6, 10)
 	args := append([]string{"vmm-restore", "--jail", "--api-socket", sock, "--cgroup", cg}, extra...)
 	cmd := exec.Command(bin, args...)
-	v := &jailedVMM{cmd: cmd, cl: vmmapi.NewClient(sock), stderr: &syncBuf{}, done: make(chan error, 1), cg: cg}
+	v := &jailedVMM{cmd: cmd, cl: vmmapi.NewClient(sock), stderr: &syncBuf{}, done: make(chan struct{}), cg: cg}
 	cmd.Stdout, cmd.Stderr = io.Discard, v.stderr
 	cmd.Env = append(os.Environ(), "CUBE_VMM_SECCOMP_PROBE="+probe)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { v.done <- cmd.Wait() }()
+	go func() { v.err = cmd.Wait(); close(v.done) }()
 	t.Cleanup(func() {
 		// Kill the VMM and let the launcher remove the cgroup and exit;
 		// kill the launcher only if it lingers.
@@ -319,9 +320,9 @@ func TestJailedRestoreVMM(t *testing.T) {
 	}
 	v.cl.Stop(ctx)
 	select {
-	case err := <-v.done:
-		if err != nil {
-			t.Fatalf("launcher: %v\n%s", err, v.stderr.String())
+	case <-v.done:
+		if v.err != nil {
+			t.Fatalf("launcher: %v\n%s", v.err, v.stderr.String())
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("jailed VMM did not exit after stop")
@@ -354,12 +355,12 @@ func TestJailedRestoreSeccompKills(t *testing.T) {
 	if _, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err == nil {
 		t.Fatal("restore answered although the VMM made a forbidden syscall")
 	}
-	var err error
 	select {
-	case err = <-v.done:
+	case <-v.done:
 	case <-time.After(20 * time.Second):
 		t.Fatal("VMM not killed")
 	}
+	err := v.err
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 128+int(syscall.SIGSYS) {
 		t.Fatalf("launcher exit %v, want %d\n%s", err, 128+int(syscall.SIGSYS), v.stderr.String())
