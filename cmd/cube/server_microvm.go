@@ -38,7 +38,7 @@ func newMicroVMRuntime(ctx context.Context, c config.Config, log *slog.Logger) (
 	}
 	log.Info("microvm guest kernel", "path", kernel)
 	opts := microvm.Options{Dir: filepath.Join(c.DataDir, "microvm"), Kernel: kernel, PoolSize: c.WarmPoolSize,
-		Log: log.With("component", "microvm")}
+		Log: log.With("component", "microvm"), NoJail: !c.VMMJail, NoSeccomp: !c.VMMSeccomp, UID: c.VMMUID, GID: c.VMMGID}
 	if !useNetSlots {
 		return microvm.New(opts)
 	}

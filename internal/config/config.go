@@ -48,6 +48,16 @@ type Config struct {
 	KernelPath     string        `json:"kernelPath" env:"CUBE_KERNEL" default:""`
 	DebianMirror   string        `json:"debianMirror" env:"CUBE_DEBIAN_MIRROR" default:""`
 
+	// VMMJail runs each microVM's VMM jailed (namespaces, cgroup, fds;
+	// docs/vmm.md); VMMSeccomp installs its seccomp filter. Turn them off
+	// only to debug. VMMUID/VMMGID > 0 run jailed VMMs as that user
+	// (then without network slots: opening a slot's tap in its netns
+	// needs CAP_SYS_ADMIN; templates and snapshot dirs must be its).
+	VMMJail    bool `json:"vmmJail" env:"CUBE_VMM_JAIL" default:"true"`
+	VMMSeccomp bool `json:"vmmSeccomp" env:"CUBE_VMM_SECCOMP" default:"true"`
+	VMMUID     int  `json:"vmmUID" env:"CUBE_VMM_UID" default:"0"`
+	VMMGID     int  `json:"vmmGID" env:"CUBE_VMM_GID" default:"0"`
+
 	// Network slots (internal/network; SlotHostRange and SlotPoolSize above).
 	// SlotPrefix names every namespace and link it creates (<prefix>r<N>,
 	// <prefix>g<N>, <prefix>h<N>); stale ones are removed at startup.

@@ -64,6 +64,15 @@ type Options struct {
 	// beside a running server (the CLI, `cube tpl`): no re-adoption of
 	// sandboxes, no cleanup of another process's pool, no pool.
 	TemplatesOnly bool
+	// NoJail runs the VMMs unjailed (debugging): by default each runs as
+	// `cube vmm-restore --jail` (own mount/net/IPC/UTS namespaces and
+	// cgroup with the sandbox's limits, only its fds; docs/vmm.md).
+	NoJail bool
+	// NoSeccomp runs the VMMs without their seccomp filter (debugging).
+	NoSeccomp bool
+	// UID/GID > 0 run jailed VMMs as that user (its files, overlays and
+	// snapshot dirs must then be accessible to it).
+	UID, GID int
 }
 
 // Guest defaults.
@@ -185,8 +194,12 @@ type vmm struct {
 }
 
 // startVMM launches `cube vmm-restore --guest linux` in its own session
-// and network namespace (where a slot-less sandbox gets a private tap).
-// It does not die with this process: sandboxes outlive a cube restart.
+// and network namespace (where a slot-less sandbox gets a private tap):
+// jailed by default (`--jail`: the launcher re-executes the VMM in new
+// namespaces and its own cgroup and waits for it), under its seccomp
+// filter from before the first guest instruction. It does not die with
+// this process: sandboxes outlive a cube restart. v.pid is the VMM
+// itself (as it reports), not its jail launcher.
 func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "vmm dir")
@@ -198,10 +211,22 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 		return nil, errs.Wrap(errs.Internal, err, "vmm log")
 	}
 	defer logf.Close()
-	args := append([]string{"vmm-restore", "--guest", "linux", "--api-socket", sock}, extra...)
-	cmd := exec.Command(r.o.CubeBin, args...)
+	args := []string{"vmm-restore", "--guest", "linux", "--api-socket", sock}
+	if !r.o.NoJail {
+		args = append(args, "--jail")
+		if r.o.UID > 0 {
+			args = append(args, "--uid", strconv.Itoa(r.o.UID), "--gid", strconv.Itoa(r.o.GID))
+		}
+	}
+	if r.o.NoSeccomp {
+		args = append(args, "--no-seccomp")
+	}
+	cmd := exec.Command(r.o.CubeBin, append(args, extra...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: syscall.CLONE_NEWNET}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if r.o.NoJail {
+		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWNET
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "start vmm")
 	}
@@ -209,9 +234,16 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 	go cmd.Wait() // reap when it exits while we run; adopted ones are reaped by init
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := v.cl.WaitReady(ctx); err != nil {
+	st, err := v.cl.WaitReady(ctx)
+	if err != nil {
 		v.kill()
 		return nil, errs.Wrap(errs.Unavailable, err, "vmm did not come up (see %s)", filepath.Join(dir, "vmm.log"))
+	}
+	if st.PID > 0 && st.PID != v.pid {
+		// Jailed: the launcher relays; the VMM is its child. Killing the
+		// VMM ends the launcher (which removes the cgroup); killing the
+		// launcher kills the VMM (parent-death signal).
+		v.pid = st.PID
 	}
 	return v, nil
 }

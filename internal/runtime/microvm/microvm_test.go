@@ -69,7 +69,8 @@ func needRoot(t *testing.T) {
 }
 
 func newRT(t *testing.T, dir string, pool int) *Runtime {
-	rt, err := New(Options{Dir: dir, CubeBin: os.Args[0], PoolSize: pool, Kernel: kernelPath()})
+	// This test binary stands in for an unjailed `cube vmm-restore`.
+	rt, err := New(Options{Dir: dir, CubeBin: os.Args[0], PoolSize: pool, Kernel: kernelPath(), NoJail: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -218,3 +218,159 @@ func (l *Leaver) Leave() error {
 	l.close()
 	return errors.Join(append(errsOut, l.c.Remove())...)
 }
+
+// LimitFiles are a cgroup's limit files, opened for writing by the
+// launcher and handed to the VMM as fds: a pre-started VMM learns its
+// size only when told to restore, sets its limits once through them and
+// closes them before it installs its seccomp filter (so a compromised
+// VMM cannot raise its own limits). nil fields are absent.
+type LimitFiles struct {
+	V2             bool
+	Mem, Pids, CPU *os.File
+}
+
+// OpenLimits opens the cgroup's memory, pids and CPU quota files (v1:
+// the CFS period is set to 100 ms here; the quota is written by Apply).
+func (c *Cgroup) OpenLimits() (*LimitFiles, error) {
+	l := &LimitFiles{V2: c.V2}
+	open := func(dir, name string) (*os.File, error) {
+		return os.OpenFile(filepath.Join(dir, name), os.O_WRONLY, 0)
+	}
+	var err error
+	if c.V2 {
+		if len(c.Dirs) != 1 {
+			return nil, fmt.Errorf("cgroup %s: no directory", c.Name)
+		}
+		d := c.Dirs[0]
+		if l.Mem, err = open(d, "memory.max"); err == nil {
+			if l.Pids, err = open(d, "pids.max"); err == nil {
+				l.CPU, err = open(d, "cpu.max")
+			}
+		}
+	} else {
+		for _, d := range c.Dirs {
+			if err != nil {
+				break
+			}
+			switch {
+			case fileIn(d, "memory.limit_in_bytes"):
+				l.Mem, err = open(d, "memory.limit_in_bytes")
+			case fileIn(d, "pids.max"):
+				l.Pids, err = open(d, "pids.max")
+			case fileIn(d, "cpu.cfs_quota_us"):
+				if err = writeFile(d, "cpu.cfs_period_us", "100000"); err == nil {
+					l.CPU, err = open(d, "cpu.cfs_quota_us")
+				}
+			}
+		}
+	}
+	if err != nil {
+		l.Close()
+		return nil, fmt.Errorf("cgroup %s limits: %w", c.Name, err)
+	}
+	return l, nil
+}
+
+func fileIn(dir, name string) bool {
+	_, err := os.Stat(filepath.Join(dir, name))
+	return err == nil
+}
+
+// Files returns the open files in the order Spec numbers them.
+func (l *LimitFiles) Files() []*os.File {
+	var out []*os.File
+	for _, f := range []*os.File{l.Mem, l.Pids, l.CPU} {
+		if f != nil {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// Spec describes the files as the child will see them when Files() are
+// its fds first, first+1, ...: "v1,mem=5,pids=6,cpu=7".
+func (l *LimitFiles) Spec(first int) string {
+	s := "v1"
+	if l.V2 {
+		s = "v2"
+	}
+	fd := first
+	for _, e := range []struct {
+		k string
+		f *os.File
+	}{{"mem", l.Mem}, {"pids", l.Pids}, {"cpu", l.CPU}} {
+		if e.f != nil {
+			s += "," + e.k + "=" + strconv.Itoa(fd)
+			fd++
+		}
+	}
+	return s
+}
+
+// ParseLimitFDs adopts the fds named by a Spec string.
+func ParseLimitFDs(s string) (*LimitFiles, error) {
+	parts := strings.Split(s, ",")
+	l := &LimitFiles{}
+	switch parts[0] {
+	case "v1":
+	case "v2":
+		l.V2 = true
+	default:
+		return nil, fmt.Errorf("limit fds %q: want v1 or v2 first", s)
+	}
+	for _, p := range parts[1:] {
+		k, v, _ := strings.Cut(p, "=")
+		fd, err := strconv.Atoi(v)
+		if err != nil || fd < 3 {
+			return nil, fmt.Errorf("limit fds %q: bad fd in %q", s, p)
+		}
+		f := os.NewFile(uintptr(fd), "cgroup:"+k)
+		switch k {
+		case "mem":
+			l.Mem = f
+		case "pids":
+			l.Pids = f
+		case "cpu":
+			l.CPU = f
+		default:
+			return nil, fmt.Errorf("limit fds %q: unknown key %q", s, k)
+		}
+	}
+	return l, nil
+}
+
+// Apply writes the limits (zero fields are skipped).
+func (l *LimitFiles) Apply(lim Limits) error {
+	put := func(f *os.File, v string) error {
+		if f == nil {
+			return nil
+		}
+		if _, err := f.Write([]byte(v)); err != nil {
+			return fmt.Errorf("%s: %w", f.Name(), err)
+		}
+		return nil
+	}
+	var errsOut []error
+	if lim.MemoryBytes > 0 {
+		errsOut = append(errsOut, put(l.Mem, strconv.FormatInt(lim.MemoryBytes, 10)))
+	}
+	if lim.PidsMax > 0 {
+		errsOut = append(errsOut, put(l.Pids, strconv.Itoa(lim.PidsMax)))
+	}
+	if lim.CPUs > 0 {
+		q := strconv.Itoa(int(lim.CPUs * 100000))
+		if l.V2 {
+			q += " 100000"
+		}
+		errsOut = append(errsOut, put(l.CPU, q))
+	}
+	return errors.Join(errsOut...)
+}
+
+// Close closes the files.
+func (l *LimitFiles) Close() {
+	for _, f := range l.Files() {
+		f.Close()
+	}
+	l.Mem, l.Pids, l.CPU = nil, nil, nil
+}

@@ -19,6 +19,7 @@ const (
 	offArch = 4
 	offArg0 = 16
 	offArg1 = 24
+	offArg2 = 32
 
 	auditArchX8664 = 0xC000003E
 	x32SyscallBit  = 0x40000000
@@ -61,6 +62,22 @@ var Allowed = []uintptr{
 	unix.SYS_UNLINKAT, unix.SYS_RMDIR,
 }
 
+// SnapshotAllowed are added to Allowed by the snapshot filter
+// (SnapshotProgram, `cube vmm-restore`): writing a snapshot directory
+// creates it (mkdirat), writes each file as NAME.tmp and renames it into
+// place (renameat), and a diff snapshot links the base memory file and
+// older layers into the new directory (linkat; symlinkat when they are
+// on another filesystem). Files are created with openat, which is
+// argument-checked: see SnapshotProgram.
+// getcwd resolves a relative snapshot path (filepath.Abs).
+var SnapshotAllowed = []uintptr{unix.SYS_MKDIRAT, unix.SYS_RENAMEAT, unix.SYS_LINKAT, unix.SYS_SYMLINKAT, unix.SYS_GETCWD}
+
+// OpenatCreateWriteOnly is the only openat the snapshot filter lets
+// through: flags & (O_ACCMODE|O_CREAT|O_PATH) must equal O_WRONLY|O_CREAT
+// (a new or truncated snapshot file). Reading any file by path, or
+// opening one read-write, stays refused.
+const OpenatCreateWriteOnly = unix.O_WRONLY | unix.O_CREAT
+
 // Killed are syscalls a VMM never needs and an attacker wants: they kill
 // the process instead of failing.
 var Killed = []uintptr{
@@ -95,8 +112,15 @@ func (a *asm) onNr(n uintptr, body asm) {
 	// body must end in a return; the accumulator is reloaded below.
 }
 
-// Program builds the filter.
-func Program() []unix.SockFilter {
+// Program builds the filter of `cube vmm` (no new files).
+func Program() []unix.SockFilter { return program(false) }
+
+// SnapshotProgram builds the filter of `cube vmm-restore`: Program plus
+// what writing full and diff snapshots needs (SnapshotAllowed, and openat
+// restricted to OpenatCreateWriteOnly).
+func SnapshotProgram() []unix.SockFilter { return program(true) }
+
+func program(snapshots bool) []unix.SockFilter {
 	var p asm
 	eperm := uint32(retErrno | uint32(unix.EPERM))
 	enosys := uint32(retErrno | uint32(unix.ENOSYS))
@@ -109,6 +133,19 @@ func Program() []unix.SockFilter {
 	for _, n := range Allowed {
 		p.jump(jeqK, uint32(n), 0, 1)
 		p.stmt(retK, retAllow)
+	}
+	if snapshots {
+		for _, n := range SnapshotAllowed {
+			p.jump(jeqK, uint32(n), 0, 1)
+			p.stmt(retK, retAllow)
+		}
+		p.onNr(unix.SYS_OPENAT, asm{
+			{Code: ldW, K: offArg2},
+			{Code: andK, K: unix.O_ACCMODE | unix.O_CREAT | unix.O_PATH},
+			{Code: jeqK, K: OpenatCreateWriteOnly, Jt: 0, Jf: 1},
+			{Code: retK, K: retAllow},
+			{Code: retK, K: eperm},
+		})
 	}
 	for _, n := range Killed {
 		p.jump(jeqK, uint32(n), 0, 1)
@@ -147,11 +184,15 @@ func Program() []unix.SockFilter {
 
 // Install sets no_new_privs and installs the filter on every thread of
 // the process (SECCOMP_FILTER_FLAG_TSYNC).
-func Install() error {
+func Install() error { return install(Program()) }
+
+// InstallSnapshot installs SnapshotProgram like Install.
+func InstallSnapshot() error { return install(SnapshotProgram()) }
+
+func install(prog []unix.SockFilter) error {
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}
-	prog := Program()
 	fp := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	const setModeFilter, flagTSync = 1, 1
 	r, _, e := unix.Syscall(unix.SYS_SECCOMP, setModeFilter, flagTSync, uintptr(unsafe.Pointer(&fp)))

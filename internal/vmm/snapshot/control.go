@@ -31,13 +31,20 @@ type Controller struct {
 	Build func(r vmmapi.RestoreRequest) (machine.Spec, func(), error)
 	// OnStop is called (once) after the VM was stopped on request.
 	OnStop func()
+	// BeforeStart, if set, runs once, when the first VM has been built
+	// (restored, or attached by a boot) and before it runs a guest
+	// instruction: the VMM sets its cgroup limits from the VM's size and
+	// installs its seccomp filter there, after every file is open. An
+	// error fails the restore (the VM is closed).
+	BeforeStart func(m *machine.Machine) error
 
-	mu      sync.Mutex
-	m       *machine.Machine
-	from    string // snapshot dir the VM was restored from
-	base    *State
-	cmdline string
-	stopped sync.Once
+	mu       sync.Mutex
+	m        *machine.Machine
+	from     string // snapshot dir the VM was restored from
+	base     *State
+	cmdline  string
+	stopped  sync.Once
+	hardened bool
 
 	prepared    *machine.Machine
 	preparedDir string
@@ -94,6 +101,21 @@ func (c *Controller) VCPUs() ([]vmmapi.VCPURegs, error) {
 		return nil, err
 	}
 	return vmmapi.ReadVCPUs(v)
+}
+
+// Harden runs BeforeStart once (booted VMs call it before VM.Start).
+func (c *Controller) Harden(m *machine.Machine) error {
+	c.mu.Lock()
+	done := c.hardened
+	c.hardened = true
+	c.mu.Unlock()
+	if done || c.BeforeStart == nil {
+		return nil
+	}
+	if err := c.BeforeStart(m); err != nil {
+		return errs.Wrap(errs.FailedPrecondition, err, "harden vmm: %v", err)
+	}
+	return nil
 }
 
 // Attach gives the controller a VM it did not restore itself (booted).
@@ -334,6 +356,10 @@ func (c *Controller) restore(r vmmapi.RestoreRequest) (vmmapi.RestoreReply, erro
 			return vmmapi.RestoreReply{}, err
 		}
 	}
+	if err := c.Harden(m); err != nil {
+		m.VM.Close()
+		return vmmapi.RestoreReply{}, err
+	}
 	var err error
 	var before uint64
 	var word []byte
@@ -380,6 +406,10 @@ func (c *Controller) restoreWith(r vmmapi.RestoreRequest, t0 time.Time) (vmmapi.
 	c.mu.Lock()
 	c.cleanups = append(c.cleanups, cleanup)
 	c.mu.Unlock()
+	if err := c.Harden(m); err != nil {
+		m.VM.Close()
+		return vmmapi.RestoreReply{}, err
+	}
 	if !r.Paused {
 		if err := m.VM.Start(); err != nil {
 			m.VM.Close()

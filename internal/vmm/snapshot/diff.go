@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -43,11 +44,14 @@ const (
 // (changed since the file was mapped). mem must be a MAP_PRIVATE file
 // mapping of this process.
 func DirtyRuns(mem []byte) ([]Run, error) {
-	f, err := os.Open("/proc/self/pagemap")
-	if err != nil {
-		return nil, err
+	f := keptPagemap.Load()
+	if f == nil {
+		var err error
+		if f, err = os.Open("/proc/self/pagemap"); err != nil {
+			return nil, err
+		}
+		defer f.Close()
 	}
-	defer f.Close()
 	pages := len(mem) / pageSize
 	base := uintptr(unsafe.Pointer(&mem[0])) / pageSize
 	const chunk = 8192
@@ -72,6 +76,25 @@ func DirtyRuns(mem []byte) ([]Run, error) {
 		}
 	}
 	return runs, nil
+}
+
+var keptPagemap atomic.Pointer[os.File]
+
+// KeepPagemap opens /proc/self/pagemap for good: diff snapshots then
+// read it without opening a file (a VMM calls it before its seccomp
+// filter, which refuses opening files for reading).
+func KeepPagemap() error {
+	if keptPagemap.Load() != nil {
+		return nil
+	}
+	f, err := os.Open("/proc/self/pagemap")
+	if err != nil {
+		return err
+	}
+	if !keptPagemap.CompareAndSwap(nil, f) {
+		f.Close()
+	}
+	return nil
 }
 
 // DiffResult reports a diff snapshot.
@@ -147,7 +170,7 @@ func layerFiles(s *State) []string {
 }
 
 // linkInto makes dir/name refer to fromDir/name (hard link; symlink
-// across filesystems). Same dir: nothing to do.
+// across filesystems or where protected_hardlinks refuses the link). Same dir: nothing to do.
 func linkInto(fromDir, dir, name string) error {
 	src, dst := filepath.Join(fromDir, name), filepath.Join(dir, name)
 	if a, err := filepath.Abs(fromDir); err == nil {
@@ -159,7 +182,9 @@ func linkInto(fromDir, dir, name string) error {
 		return nil
 	}
 	err := os.Link(src, dst)
-	if errors.Is(err, syscall.EXDEV) {
+	// Across filesystems, or refused by fs.protected_hardlinks (a VMM
+	// running as its own uid linking a file it does not own): symlink.
+	if errors.Is(err, syscall.EXDEV) || errors.Is(err, syscall.EPERM) {
 		abs, aerr := filepath.Abs(src)
 		if aerr != nil {
 			return errs.Wrap(errs.Internal, aerr, "link %s", src)

@@ -45,6 +45,20 @@ type LaunchConfig struct {
 	Stdout, Stderr io.Writer
 	// Env is extra environment for the VMM.
 	Env []string
+	// Subcommand, when set, replaces `vmm` and the Options' flags: the
+	// VMM runs as `cube <Subcommand...> --api-fd=3 --kvm-fd=4
+	// [--limit-fds=...]` (a pre-started `vmm-restore`, which learns its
+	// guest on POST /restore). With a Cgroup, the cgroup's limit files are
+	// passed as further fds (jail.LimitFiles) and the VMM sets its limits
+	// itself once it knows its size. Options then only size GOMAXPROCS
+	// and the cgroup's initial limits, and must not name a tap.
+	Subcommand []string
+	// SharedMounts keeps the copied mount table's propagation (no
+	// --private-mounts), so the VMM sees mounts made after it started: a
+	// pre-started VMM opens the tap in a network namespace bind-mounted
+	// under /run/netns later. The VMM never mounts (its seccomp filter
+	// kills mount), so nothing propagates back.
+	SharedMounts bool
 }
 
 // Process is a running VMM.
@@ -164,8 +178,44 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 	if o.Cgroup != "" {
 		return nil, fmt.Errorf("launch: set LaunchConfig.Cgroup, not Options.Cgroup")
 	}
+	var cg *jail.Cgroup
+	var startGate *os.File
+	if c.Cgroup != "" {
+		if cg, err = jail.CreateCgroup(c.Cgroup, Limits(o)); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if err != nil {
+				cg.Remove()
+			}
+		}()
+	}
 	args := append([]string{"vmm"}, o.Args()...)
-	if c.Isolate && c.UID <= 0 {
+	if c.Subcommand != nil {
+		if c.Options.TapName != "" {
+			return nil, fmt.Errorf("launch: a %s VMM opens its own tap", c.Subcommand[0])
+		}
+		args = append(append([]string(nil), c.Subcommand...), "--api-fd=3", "--kvm-fd=4")
+		if cg != nil {
+			lf, err := cg.OpenLimits()
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, "--limit-fds="+lf.Spec(3+len(files)))
+			files = append(files, lf.Files()...)
+			// The VMM waits on this pipe until it is in its cgroup,
+			// before it serves (or touches anything) at all.
+			pr, pw, err := os.Pipe()
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, "--start-fd="+strconv.Itoa(3+len(files)))
+			files = append(files, pr)
+			startGate = pw
+			defer pw.Close()
+		}
+	}
+	if c.Isolate && c.UID <= 0 && !c.SharedMounts {
 		// Only root may change propagation; an unprivileged VMM keeps the
 		// copied mount table as is.
 		args = append(args, "--private-mounts")
@@ -186,27 +236,20 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 	if c.UID > 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(c.UID), Gid: uint32(c.GID)}
 	}
-	var cg *jail.Cgroup
-	if c.Cgroup != "" {
-		if cg, err = jail.CreateCgroup(c.Cgroup, Limits(o)); err != nil {
-			return nil, err
-		}
-	}
-	if err := cmd.Start(); err != nil {
-		if cg != nil {
-			cg.Remove()
-		}
+	if err = cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start vmm: %w", err)
 	}
 	p := &Process{Cmd: cmd, Client: NewClient(c.Socket), cg: cg, socket: c.Socket, done: make(chan struct{})}
 	if cg != nil {
 		// The VMM has not touched guest memory yet: joining now charges
 		// everything that matters to its cgroup.
-		if err := cg.Add(cmd.Process.Pid); err != nil {
+		if err = cg.Add(cmd.Process.Pid); err != nil {
 			cmd.Process.Kill()
 			cmd.Wait()
-			cg.Remove()
 			return nil, err
+		}
+		if startGate != nil {
+			startGate.Write([]byte{1})
 		}
 	}
 	go func() {

@@ -59,6 +59,27 @@ type ServeConfig struct {
 	Boot     bool
 	TapNetns string
 	Log      *slog.Logger
+	// Listener, if set, is the control socket (inherited from a jail
+	// launcher, which also removes its path); Socket is then unused.
+	Listener net.Listener
+	// KVMFD > 0 is an open /dev/kvm: each VM gets a duplicate of it.
+	KVMFD int
+	// BeforeStart runs once before the VM's first guest instruction
+	// (snapshot.Controller.BeforeStart: limits, seccomp).
+	BeforeStart func(m *machine.Machine) error
+}
+
+// DupKVM returns a close-on-exec duplicate of an inherited /dev/kvm fd
+// (a VM closes the fd it is given), or 0 when fd is 0.
+func DupKVM(fd int) int {
+	if fd <= 0 {
+		return 0
+	}
+	d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 3)
+	if err != nil {
+		return -1
+	}
+	return d
 }
 
 // Serve runs the VMM until it is stopped or its VM stops.
@@ -94,6 +115,12 @@ func Serve(cfg ServeConfig) error {
 			return machine.Spec{}, nil, err
 		}
 		s, cleanup, err := Build(o, Extra{Tap: tap, Serial: out, Log: log, NoKernel: noKernel})
+		if err == nil && cfg.KVMFD > 0 {
+			if s.KVMFD = DupKVM(cfg.KVMFD); s.KVMFD < 0 {
+				cleanup()
+				return machine.Spec{}, nil, fmt.Errorf("dup /dev/kvm fd %d", cfg.KVMFD)
+			}
+		}
 		if sf != nil {
 			inner := cleanup
 			cleanup = func() {
@@ -108,12 +135,18 @@ func Serve(cfg ServeConfig) error {
 		}
 		return s, cleanup, err
 	}
-	l, err := net.Listen("unix", cfg.Socket)
-	if err != nil {
-		return err
+	l := cfg.Listener
+	if l == nil {
+		var err error
+		if l, err = net.Listen("unix", cfg.Socket); err != nil {
+			return err
+		}
+	} else {
+		cfg.Socket = ""
 	}
 	done := make(chan struct{})
 	ctl := &snapshot.Controller{
+		BeforeStart: cfg.BeforeStart,
 		Build: func(r vmmapi.RestoreRequest) (machine.Spec, func(), error) {
 			return build(*r.Options, r.TapNetns, true)
 		},
@@ -132,6 +165,10 @@ func Serve(cfg ServeConfig) error {
 		}
 		ctl.Attach(m)
 		ctl.AddCleanup(cleanup)
+		if err := ctl.Harden(m); err != nil {
+			ctl.Close()
+			return err
+		}
 		if err := m.VM.Start(); err != nil {
 			ctl.Close()
 			return err
@@ -160,7 +197,9 @@ wait:
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	srv.Shutdown(ctx)
-	os.Remove(cfg.Socket)
+	if cfg.Socket != "" {
+		os.Remove(cfg.Socket)
+	}
 	ctl.Close()
 	return nil
 }

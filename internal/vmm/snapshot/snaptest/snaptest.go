@@ -20,6 +20,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cubesandbox/cube/internal/vmm/boot"
 	"github.com/cubesandbox/cube/internal/vmm/devices"
 	"github.com/cubesandbox/cube/internal/vmm/devices/virtio"
@@ -223,12 +225,44 @@ func RunToPhase1(m *machine.Machine) error {
 // is told to stop. With prepare set, the restore of that snapshot
 // directory is prepared ahead (snapshot.Prepare).
 func Serve(path, prepare string) error {
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return err
+	return ServeWith(ServeConfig{Socket: path, Prepare: prepare})
+}
+
+// ServeConfig configures ServeWith.
+type ServeConfig struct {
+	Socket   string       // control socket path to listen on
+	Listener net.Listener // or an inherited listener
+	Prepare  string       // snapshot dir to prepare the restore of
+	// KVMFD > 0 is an inherited /dev/kvm fd (each VM gets a duplicate).
+	KVMFD int
+	// BeforeStart: see snapshot.Controller.BeforeStart.
+	BeforeStart func(m *machine.Machine) error
+}
+
+// ServeWith is Serve with an inherited listener and /dev/kvm and a
+// hardening hook (a jailed `cube vmm-restore`).
+func ServeWith(cfg ServeConfig) error {
+	l := cfg.Listener
+	if l == nil {
+		var err error
+		if l, err = net.Listen("unix", cfg.Socket); err != nil {
+			return err
+		}
 	}
+	prepare := cfg.Prepare
 	done := make(chan struct{})
-	ctl := &snapshot.Controller{Spec: Spec}
+	spec := Spec
+	if cfg.KVMFD > 0 {
+		spec = func() machine.Spec {
+			s := Spec()
+			s.KVMFD = -1
+			if d, err := unix.FcntlInt(uintptr(cfg.KVMFD), unix.F_DUPFD_CLOEXEC, 3); err == nil {
+				s.KVMFD = d
+			}
+			return s
+		}
+	}
+	ctl := &snapshot.Controller{Spec: spec, BeforeStart: cfg.BeforeStart}
 	if prepare != "" {
 		if err := ctl.Prepare(prepare); err != nil {
 			return err

@@ -1,0 +1,448 @@
+//go:build linux
+
+package snapshot_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cubesandbox/cube/internal/vmm/jail"
+	"github.com/cubesandbox/cube/internal/vmm/snapshot"
+	st "github.com/cubesandbox/cube/internal/vmm/snapshot/snaptest"
+	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
+)
+
+var (
+	cubeOnce  sync.Once
+	cubePath  string
+	cubeError error
+)
+
+// cubeBinary returns the cube executable: $CUBE_BIN/cube (make test), or
+// one built once into a world-readable temp dir (the jailed VMM runs it
+// as nobody); TestMain removes it.
+func cubeBinary(t testing.TB) string {
+	t.Helper()
+	if d := os.Getenv("CUBE_BIN"); d != "" {
+		if p := filepath.Join(d, "cube"); fileOK(p) {
+			return p
+		}
+	}
+	if _, err := exec.LookPath("go"); err != nil {
+		t.Skip("no cube binary: set CUBE_BIN to the directory holding cube (no go toolchain to build one)")
+	}
+	cubeOnce.Do(func() {
+		d, err := os.MkdirTemp("", "cube-bin-")
+		if err != nil {
+			cubeError = err
+			return
+		}
+		os.Chmod(d, 0o755)
+		out := filepath.Join(d, "cube")
+		if b, err := exec.Command("go", "build", "-o", out, "github.com/cubesandbox/cube/cmd/cube").CombinedOutput(); err != nil {
+			cubeError = errors.New(err.Error() + "\n" + string(b))
+			os.RemoveAll(d)
+			return
+		}
+		cubePath = out
+		builtDirs = append(builtDirs, d)
+	})
+	if cubeError != nil {
+		t.Fatalf("build cube: %v", cubeError)
+	}
+	return cubePath
+}
+
+var builtDirs []string
+
+func fileOK(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// syncBuf is a goroutine-safe buffer for a child's stderr.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	os.Stderr.Write(p)
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type jailedVMM struct {
+	cmd    *exec.Cmd // the jail launcher (`cube vmm-restore --jail`)
+	cl     *vmmapi.Client
+	pid    int // the VMM itself
+	stderr *syncBuf
+	done   chan struct{} // closed when the launcher has exited (err set)
+	err    error
+	cg     string
+}
+
+// startJailed starts `cube vmm-restore --jail` for the synthetic guest
+// with a seccomp probe and waits until its control socket answers.
+func startJailed(t *testing.T, dir string, probe string, extra ...string) *jailedVMM {
+	t.Helper()
+	needKVM(t)
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (namespaces, cgroups, uid drop)")
+	}
+	if err := jail.CgroupsAvailable(); err != nil {
+		t.Skipf("no usable cgroups: %v", err)
+	}
+	bin := cubeBinary(t)
+	sock := filepath.Join(dir, "vmm.sock")
+	cg := "test-restore-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatInt(time.Now().UnixNano()%1e6, 10)
+	args := append([]string{"vmm-restore", "--jail", "--api-socket", sock, "--cgroup", cg}, extra...)
+	cmd := exec.Command(bin, args...)
+	v := &jailedVMM{cmd: cmd, cl: vmmapi.NewClient(sock), stderr: &syncBuf{}, done: make(chan struct{}), cg: cg}
+	cmd.Stdout, cmd.Stderr = io.Discard, v.stderr
+	cmd.Env = append(os.Environ(), "CUBE_VMM_SECCOMP_PROBE="+probe)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { v.err = cmd.Wait(); close(v.done) }()
+	t.Cleanup(func() {
+		// Kill the VMM and let the launcher remove the cgroup and exit;
+		// kill the launcher only if it lingers.
+		if v.pid > 0 {
+			syscall.Kill(v.pid, syscall.SIGKILL)
+		} else {
+			cmd.Process.Signal(syscall.SIGTERM)
+		}
+		select {
+		case <-v.done:
+			return
+		case <-time.After(10 * time.Second):
+		}
+		cmd.Process.Kill()
+		<-v.done
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := v.cl.WaitReady(ctx)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, v.stderr.String())
+	}
+	v.pid = s.PID
+	if v.pid == cmd.Process.Pid || v.pid <= 0 {
+		t.Fatalf("status pid %d: want the re-executed VMM, not the launcher %d", v.pid, cmd.Process.Pid)
+	}
+	return v
+}
+
+// cgroupDirs are the VMM cgroup's directories (v1: one per controller).
+func cgroupDirs(t *testing.T, pid int, name string) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 || !strings.HasSuffix(parts[2], "/cube-vmm/"+name) {
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			if c == "" {
+				out["v2"] = filepath.Join("/sys/fs/cgroup", parts[2])
+			} else {
+				out[c] = filepath.Join("/sys/fs/cgroup", c, parts[2])
+			}
+		}
+	}
+	return out
+}
+
+func readTrim(p string) string {
+	b, _ := os.ReadFile(p)
+	return strings.TrimSpace(string(b))
+}
+
+// TestJailedRestoreVMM runs the production configuration of the
+// pre-started VMM (`cube vmm-restore --jail`, as the microVM runtime
+// starts it) as uid/gid 65534: it is in its own namespaces and cgroup
+// and holds only the fds it needs; it restores a synthetic snapshot,
+// sets the cgroup limits from the restored VM's size, installs the
+// seccomp filter (a probe open of /etc/hostname is refused with EPERM),
+// takes a full and two diff snapshots (pagemap, layer files, hard
+// links, renames) that restore correctly, pauses, resumes and stops;
+// then the cgroup and socket are gone.
+func TestJailedRestoreVMM(t *testing.T) {
+	work, err := os.MkdirTemp("", "cube-jailed-restore-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(work) })
+	os.Chmod(work, 0o777)
+	base := filepath.Join(work, "base")
+	orig, _ := takeSnapshot(t, base)
+	orig.VM.Close()
+	// The VMM's uid owns the snapshots it links (fs.protected_hardlinks).
+	filepath.Walk(base, func(p string, _ os.FileInfo, _ error) error { return os.Lchown(p, 65534, 65534) })
+	v := startJailed(t, work, "open", "--uid", "65534", "--gid", "65534")
+	proc := "/proc/" + strconv.Itoa(v.pid)
+
+	// Namespaces and cgroup (before the restore already).
+	for _, ns := range []string{"mnt", "net", "ipc", "uts"} {
+		mine, _ := os.Readlink("/proc/self/ns/" + ns)
+		its, err := os.Readlink(proc + "/ns/" + ns)
+		if err != nil || its == mine {
+			t.Errorf("namespace %s: vmm %q, test %q (%v)", ns, its, mine, err)
+		}
+	}
+	// The VMM serves only once it is in its cgroup (the launcher's start
+	// pipe).
+	dirs := cgroupDirs(t, v.pid, v.cg)
+	if _, v2 := dirs["v2"]; !v2 {
+		for _, c := range []string{"cpu", "memory", "pids"} {
+			if dirs[c] == "" {
+				b, _ := os.ReadFile(proc + "/cgroup")
+				t.Errorf("vmm not in cgroup cube-vmm/%s for %s: %v\n%s", v.cg, c, dirs, b)
+			}
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	rep, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter})
+	if err != nil || rep.Status.State != "running" {
+		t.Fatalf("restore: %+v %v\n%s", rep, err, v.stderr.String())
+	}
+	status, _ := os.ReadFile(proc + "/status")
+	for _, want := range []string{"Uid:\t65534\t65534\t65534\t65534", "Gid:\t65534\t65534\t65534\t65534", "NoNewPrivs:\t1", "Seccomp:\t2"} {
+		if !strings.Contains(string(status), want) {
+			t.Errorf("status lacks %q:\n%s", want, status)
+		}
+	}
+	// (stderr reaches the test through a pipe: give it a moment.)
+	if !st.WaitFor(5*time.Second, func() bool {
+		return strings.Contains(v.stderr.String(), "seccomp probe: open /etc/hostname: open /etc/hostname: operation not permitted")
+	}) {
+		t.Errorf("the probe open was not refused with EPERM:\n%s", v.stderr.String())
+	}
+	// Limits from the VM's size: 64 MiB + 256 MiB, 128 + 2 threads, 1 CPU.
+	wantMem := strconv.Itoa((st.MemSize>>20 + 256) << 20)
+	if d, ok := dirs["v2"]; ok {
+		if got := readTrim(filepath.Join(d, "memory.max")); got != wantMem {
+			t.Errorf("memory.max %s, want %s", got, wantMem)
+		}
+	} else {
+		for file, want := range map[string]string{
+			filepath.Join(dirs["memory"], "memory.limit_in_bytes"): wantMem,
+			filepath.Join(dirs["pids"], "pids.max"):                "130",
+			filepath.Join(dirs["cpu"], "cpu.cfs_quota_us"):         "100000",
+		} {
+			if got := readTrim(file); got != want {
+				t.Errorf("%s = %s, want %s", file, got, want)
+			}
+		}
+	}
+	// Only the fds it needs: stdio, /dev/kvm (and the VM's anon inodes),
+	// the control socket and its connections, pagemap, eventfds, epoll.
+	fds, err := os.ReadDir(proc + "/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed := []string{"/dev/null", "pipe:", "/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu", "anon_inode:[eventfd]",
+		"anon_inode:[eventpoll]", "anon_inode:[pidfd]", "socket:", "/sys/fs/cgroup/", "/proc/" + strconv.Itoa(v.pid) + "/pagemap", filepath.Join(base, "memory")}
+	for _, fd := range fds {
+		target, _ := os.Readlink(proc + "/fd/" + fd.Name())
+		ok := false
+		for _, a := range allowed {
+			if strings.HasPrefix(target, a) || strings.Contains(target, "kvm-vcpu") {
+				ok = true
+			}
+		}
+		if !ok {
+			t.Errorf("vmm holds unexpected fd %s -> %s", fd.Name(), target)
+		}
+	}
+
+	// Full snapshot (fork: keeps running), then two diff layers.
+	full := filepath.Join(work, "full")
+	if rep, err := v.cl.Snapshot(ctx, vmmapi.SnapshotRequest{Dir: full, Resume: true}); err != nil || rep.Status.State != "running" {
+		t.Fatalf("full snapshot: %+v %v", rep, err)
+	}
+	d1 := filepath.Join(work, "diff1")
+	if rep, err := v.cl.Snapshot(ctx, vmmapi.SnapshotRequest{Dir: d1, Diff: true, Resume: true}); err != nil || rep.WrittenMem == 0 {
+		t.Fatalf("diff snapshot: %+v %v", rep, err)
+	}
+	d2 := filepath.Join(work, "diff2")
+	if _, err := v.cl.Snapshot(ctx, vmmapi.SnapshotRequest{Dir: d2, Diff: true, Resume: true}); err != nil {
+		t.Fatalf("second diff snapshot into another dir: %v", err)
+	}
+	for _, dir := range []string{full, d1, d2} {
+		m, s, err := snapshot.Restore(dir, st.Spec())
+		if err != nil {
+			t.Fatalf("restore %s: %v", dir, err)
+		}
+		if st.U64(m.VM, st.Phase) != 1 || st.U64(m.VM, st.Pattern+8*99) != st.PatternValue || st.U64(m.VM, st.Counter) == 0 {
+			t.Errorf("%s: wrong state (phase %d, counter %d)", dir, st.U64(m.VM, st.Phase), st.U64(m.VM, st.Counter))
+		}
+		if dir != full && len(s.Meta.Layers) == 0 {
+			t.Errorf("%s: a diff without layers", dir)
+		}
+		m.VM.Close()
+	}
+	// The diff links the base memory file (same inode).
+	a, _ := os.Stat(filepath.Join(base, snapshot.MemoryFile))
+	b, _ := os.Stat(filepath.Join(d1, snapshot.MemoryFile))
+	if a == nil || b == nil || !os.SameFile(a, b) {
+		t.Errorf("diff does not hard-link the base memory file")
+	}
+
+	if s, err := v.cl.Pause(ctx); err != nil || s.State != "paused" {
+		t.Fatalf("pause: %+v %v", s, err)
+	}
+	if s, err := v.cl.Resume(ctx); err != nil || s.State != "running" {
+		t.Fatalf("resume: %+v %v", s, err)
+	}
+	v.cl.Stop(ctx)
+	select {
+	case <-v.done:
+		if v.err != nil {
+			t.Fatalf("launcher: %v\n%s", v.err, v.stderr.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("jailed VMM did not exit after stop")
+	}
+	for c, d := range dirs {
+		if fileOK(d) {
+			t.Errorf("cgroup %s left behind: %s", c, d)
+		}
+	}
+	if fileOK(filepath.Join(work, "vmm.sock")) {
+		t.Error("control socket left behind")
+	}
+}
+
+// TestJailedRestoreSeccompKills: a jailed vmm-restore that calls execve
+// once its filter is installed is killed with SIGSYS; the launcher
+// reports it (exit 128+31) and removes the cgroup.
+func TestJailedRestoreSeccompKills(t *testing.T) {
+	work := t.TempDir()
+	base := filepath.Join(work, "base")
+	orig, _ := takeSnapshot(t, base)
+	orig.VM.Close()
+	v := startJailed(t, work, "execve")
+	dirs := cgroupDirs(t, v.pid, v.cg)
+	if len(dirs) == 0 {
+		t.Fatal("VMM not in its cgroup")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err == nil {
+		t.Fatal("restore answered although the VMM made a forbidden syscall")
+	}
+	select {
+	case <-v.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("VMM not killed")
+	}
+	err := v.err
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 128+int(syscall.SIGSYS) {
+		t.Fatalf("launcher exit %v, want %d\n%s", err, 128+int(syscall.SIGSYS), v.stderr.String())
+	}
+	if !strings.Contains(v.stderr.String(), "killed by signal 31 (bad system call)") {
+		t.Errorf("launcher did not report SIGSYS:\n%s", v.stderr.String())
+	}
+	if strings.Contains(v.stderr.String(), "execve returned") {
+		t.Error("execve returned instead of killing the VMM")
+	}
+	for c, d := range dirs {
+		if fileOK(d) {
+			t.Errorf("cgroup %s left behind: %s", c, d)
+		}
+	}
+}
+
+// BenchmarkPrestartedVMMProcess: one sandbox's VMM life as the runtime
+// drives it: start `cube vmm-restore` (plain: no jail, no filter; jailed:
+// --jail and the seccomp filter, the runtime's default), wait until its
+// socket answers, restore the synthetic snapshot until the guest runs,
+// stop, wait for exit (and, jailed, the cgroup removal). Reported beside
+// each other in one run; launcher-RSS-KiB is the jail launcher's RSS and
+// launcher-anon-KiB its private (anonymous) part: the rest is the cube
+// binary's text, shared by every launcher and VMM.
+func BenchmarkPrestartedVMMProcess(b *testing.B) {
+	needKVM(b)
+	if os.Geteuid() != 0 || jail.CgroupsAvailable() != nil {
+		b.Skip("needs root and cgroups")
+	}
+	bin := cubeBinary(b)
+	dir := b.TempDir()
+	base := filepath.Join(dir, "base")
+	orig, _ := takeSnapshot(b, base)
+	orig.VM.Close()
+	for _, mode := range []string{"plain", "jailed"} {
+		b.Run(mode, func(b *testing.B) {
+			var launcherRSS, launcherAnon uint64
+			for i := 0; i < b.N; i++ {
+				sock := filepath.Join(dir, "b.sock")
+				args := []string{"vmm-restore", "--api-socket", sock}
+				if mode == "jailed" {
+					args = append(args, "--jail")
+				} else {
+					args = append(args, "--no-seccomp")
+				}
+				cmd := exec.Command(bin, args...)
+				cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+				if err := cmd.Start(); err != nil {
+					b.Fatal(err)
+				}
+				cl := vmmapi.NewClient(sock)
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				if _, err := cl.WaitReady(ctx); err != nil {
+					cmd.Process.Kill()
+					cmd.Wait()
+					cancel()
+					b.Fatal(err)
+				}
+				if _, err := cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err != nil {
+					cmd.Process.Kill()
+					cmd.Wait()
+					cancel()
+					b.Fatal(err)
+				}
+				if mode == "jailed" {
+					if m, err := st.ReadMem(cmd.Process.Pid); err == nil {
+						launcherRSS += m.RSS
+						launcherAnon += m.PSSAnon
+					}
+				}
+				cl.Stop(ctx)
+				err := cmd.Wait()
+				cancel()
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			if mode == "jailed" {
+				b.ReportMetric(float64(launcherRSS)/float64(b.N)/1024, "launcher-RSS-KiB")
+				b.ReportMetric(float64(launcherAnon)/float64(b.N)/1024, "launcher-anon-KiB")
+			}
+		})
+	}
+}
