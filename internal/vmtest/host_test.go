@@ -75,7 +75,7 @@ func TestEmulatedMachine(t *testing.T) {
 			t.Fatalf("CUBE_VMTEST_STALL: %v", err)
 		}
 	}
-	retries := 4
+	retries := 6
 	if s := os.Getenv("CUBE_VMTEST_RETRIES"); s != "" {
 		if retries, err = strconv.Atoi(s); err != nil || retries < 0 {
 			t.Fatalf("CUBE_VMTEST_RETRIES %q: want a whole number", s)
