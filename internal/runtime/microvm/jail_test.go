@@ -104,18 +104,7 @@ func TestPoolJailedVMM(t *testing.T) {
 		t.Fatalf("VMM not in a memory cgroup ending %s:\n%s", cgName, b)
 	}
 
-	snap := filepath.Join(t.TempDir(), "snap")
-	m, err := stt.Boot(stt.Spec())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := stt.RunToPhase1(m); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := snapshot.Take(m.VM, snap, snapshot.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	m.VM.Close()
+	snap := syntheticSnapshot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	rep, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: snap, WaitWord: stt.Counter,

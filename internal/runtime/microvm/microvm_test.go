@@ -229,18 +229,7 @@ func TestPoolAdoptAndCleanup(t *testing.T) {
 	}
 	// Restore the synthetic guest's snapshot in it through the runtime's
 	// per-request device path (its only virtio device is "rng", as here).
-	snap := filepath.Join(t.TempDir(), "snap")
-	m, err := stt.Boot(stt.Spec())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := stt.RunToPhase1(m); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := snapshot.Take(m.VM, snap, snapshot.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	m.VM.Close()
+	snap := syntheticSnapshot(t)
 	rep, err := v.cl.Restore(context.Background(), vmmapi.RestoreRequest{Dir: snap, WaitWord: stt.Counter,
 		Options: &vmmapi.Options{MemMiB: stt.MemSize >> 20, VCPUs: 1, RNG: true}})
 	if err != nil || rep.Status.State != "running" {
@@ -448,4 +437,23 @@ func TestCopySparse(t *testing.T) {
 			t.Fatalf("cross-device copy %q", b)
 		}
 	}
+}
+
+// syntheticSnapshot boots the synthetic guest (snapshot/snaptest), runs it
+// to its first phase and snapshots it into a fresh directory.
+func syntheticSnapshot(t *testing.T) string {
+	t.Helper()
+	snap := filepath.Join(t.TempDir(), "snap")
+	m, err := stt.Boot(stt.Spec())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.VM.Close()
+	if err := stt.RunToPhase1(m); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := snapshot.Take(m.VM, snap, snapshot.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	return snap
 }
