@@ -12,9 +12,9 @@ import (
 	"os/exec"
 	"os/signal"
 	goruntime "runtime"
-	"runtime/debug"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -89,8 +89,14 @@ namespaces and its own cgroup, optionally as --uid/--gid (see docs/vmm.md).`,
 
 // runRestoreJailed re-executes vmm-restore through vmmapi.Launch (new
 // namespaces, cgroup, fds 3 = control socket, 4 = /dev/kvm, then the
-// cgroup's limit files) and relays its fate: the same model as
-// `cube vmm --jail`. The cgroup and socket are removed when it exits.
+// cgroup's limit files) and exits as soon as the VMM is in its cgroup
+// and answers on its control socket, printing {"pid","cgroup","socket"}
+// on stdout: the launcher costs no memory for the sandbox's life. The
+// VMM is reparented to the caller's subreaper (the microVM runtime sets
+// PR_SET_CHILD_SUBREAPER and supervises it: vmmapi.Supervise reaps it and
+// removes the cgroup) or to init. If the VMM dies before it serves, the
+// launcher relays its fate (exit code, or 128+signal) and removes the
+// cgroup and socket itself.
 func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	if fl.sock == "" {
 		return fmt.Errorf("--jail needs --api-socket")
@@ -117,17 +123,28 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 		sub = append(sub, "--no-seccomp")
 	}
 	p, err := vmmapi.Launch(ctx, vmmapi.LaunchConfig{
-		Subcommand: sub, Socket: fl.sock, Isolate: true, SharedMounts: true,
+		Subcommand: sub, Socket: fl.sock, Isolate: true, SharedMounts: true, Detach: true,
 		UID: fl.uid, GID: fl.gid, Cgroup: name, Stdout: os.Stdout, Stderr: os.Stderr,
 	})
 	if err != nil {
 		return fmt.Errorf("launch vmm-restore: %w", err)
 	}
-	// The launcher idles for the sandbox's life: give back its heap.
-	debug.FreeOSMemory()
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	ready := make(chan error, 1)
+	go func() { _, err := p.Client.WaitReady(rctx); ready <- err }()
 	select {
+	case err := <-ready:
+		if err == nil {
+			b, _ := json.Marshal(map[string]any{"pid": p.PID(), "cgroup": name, "socket": fl.sock})
+			os.Stdout.Write(append(b, '\n'))
+			// Exit now: the VMM (not waited for) is reparented.
+			os.Exit(0)
+		}
+		p.Kill()
+		return fmt.Errorf("vmm pid %d did not come up: %w", p.PID(), err)
 	case <-p.Done():
 	case s := <-sig:
 		p.Cmd.Process.Signal(s)
@@ -141,6 +158,9 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 			os.Exit(128 + int(ws.Signal()))
 		}
 		os.Exit(ee.ExitCode())
+	}
+	if err == nil {
+		err = fmt.Errorf("vmm pid %d exited before it served", p.PID())
 	}
 	return err
 }

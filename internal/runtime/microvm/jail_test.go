@@ -4,14 +4,18 @@ package microvm
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/vmm/jail"
 	"github.com/cubesandbox/cube/internal/vmm/kvm"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
@@ -39,13 +43,8 @@ func realCube(t *testing.T) string {
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
-// TestPoolJailedVMM runs the runtime's default VMM (the real `cube
-// vmm-restore --jail`): the pool's pre-started VMM is in its own
-// namespaces and cgroup; restored through the runtime's per-request
-// device path it sets the cgroup limits from the VM, runs under its
-// seccomp filter, writes a diff snapshot (as Pause does) and, stopped,
-// leaves no cgroup behind.
-func TestPoolJailedVMM(t *testing.T) {
+func needJail(t *testing.T) {
+	t.Helper()
 	needRoot(t)
 	if !kvm.Available() {
 		t.Skip("no usable /dev/kvm on this host")
@@ -53,6 +52,53 @@ func TestPoolJailedVMM(t *testing.T) {
 	if err := jail.CgroupsAvailable(); err != nil {
 		t.Skipf("no usable cgroups: %v", err)
 	}
+}
+
+// gone: no /proc entry at all (exited and reaped, not a zombie).
+func gone(pid int) bool { return !fileExists("/proc/" + strconv.Itoa(pid)) }
+
+// memCgroup is the VMM's memory cgroup directory named .../cube-vmm/name.
+func memCgroup(t *testing.T, pid int, name string) string {
+	t.Helper()
+	proc := "/proc/" + strconv.Itoa(pid)
+	var memDir string
+	b, _ := os.ReadFile(proc + "/cgroup")
+	for _, line := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) == 3 && strings.HasSuffix(parts[2], "/cube-vmm/"+name) && (parts[1] == "memory" || parts[1] == "") {
+			memDir = filepath.Join("/sys/fs/cgroup", parts[1], parts[2])
+		}
+	}
+	if memDir == "" || !fileExists(memDir) {
+		t.Fatalf("VMM %d not in a memory cgroup ending /cube-vmm/%s:\n%s", pid, name, b)
+	}
+	return memDir
+}
+
+// restoreSynth restores the synthetic guest through the runtime's
+// per-request device path and pauses it (idle).
+func restoreSynth(t *testing.T, v *vmm, snap, logDir string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	rep, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: snap, WaitWord: stt.Counter,
+		Options: &vmmapi.Options{MemMiB: stt.MemSize >> 20, VCPUs: 1, RNG: true}})
+	if err != nil || rep.Status.State != "running" {
+		b, _ := os.ReadFile(filepath.Join(logDir, "vmm.log"))
+		t.Fatalf("restore in a jailed runtime VMM: %+v %v\n%s", rep, err, b)
+	}
+}
+
+// TestPoolJailedVMM runs the runtime's default VMM (the real `cube
+// vmm-restore --jail`): the jail launcher has exited (and was reaped)
+// once the pool holds the VMM, which is in its own namespaces and
+// cgroup, reparented to the runtime (child subreaper); restored through
+// the runtime's per-request device path it sets the cgroup limits from
+// the VM, runs under its seccomp filter, writes a diff snapshot (as Pause
+// does); stopped, it is reaped and its cgroup removed; a second pooled
+// VMM killed with SIGKILL is reaped and its cgroup removed too.
+func TestPoolJailedVMM(t *testing.T) {
+	needJail(t)
 	bin := realCube(t)
 	dir := t.TempDir()
 	rt, err := New(Options{Dir: dir, CubeBin: bin, PoolSize: 1, Kernel: kernelPath()})
@@ -67,19 +113,24 @@ func TestPoolJailedVMM(t *testing.T) {
 	}) {
 		t.Fatal("pool did not pre-start a VMM")
 	}
-	rt.pool.mu.Lock()
-	launcher := rt.pool.ready[0].v.cmd.Process.Pid
-	rt.pool.mu.Unlock()
 	sbDir := rt.sbDir("jailed")
 	os.MkdirAll(sbDir, 0o755)
 	v, err := rt.pool.get(sbDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v.pid == launcher {
-		t.Fatalf("runtime records the jail launcher (%d), not the VMM", launcher)
+	if v.pid == v.launcher || v.launcher <= 0 {
+		t.Fatalf("runtime records the jail launcher (%d), not the VMM (%d)", v.launcher, v.pid)
+	}
+	if !gone(v.launcher) {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(v.launcher) + "/stat")
+		t.Fatalf("jail launcher %d still there once its VMM serves: %s", v.launcher, b)
 	}
 	proc := "/proc/" + strconv.Itoa(v.pid)
+	if b, _ := os.ReadFile(proc + "/stat"); !strings.Contains(string(b), ") S "+strconv.Itoa(os.Getpid())+" ") &&
+		!strings.Contains(string(b), ") R "+strconv.Itoa(os.Getpid())+" ") {
+		t.Errorf("VMM not reparented to the runtime (subreaper %d): %s", os.Getpid(), b)
+	}
 	for _, ns := range []string{"mnt", "net", "ipc", "uts"} {
 		mine, _ := os.Readlink("/proc/self/ns/" + ns)
 		its, err := os.Readlink(proc + "/ns/" + ns)
@@ -87,32 +138,13 @@ func TestPoolJailedVMM(t *testing.T) {
 			t.Errorf("namespace %s: vmm %q, runtime %q (%v)", ns, its, mine, err)
 		}
 	}
-	cgName := "/cube-vmm/vmm-restore-" + strconv.Itoa(launcher)
-	var memDir string
-	stt.WaitFor(5*time.Second, func() bool {
-		b, _ := os.ReadFile(proc + "/cgroup")
-		for _, line := range strings.Split(string(b), "\n") {
-			parts := strings.SplitN(line, ":", 3)
-			if len(parts) == 3 && strings.HasSuffix(parts[2], cgName) && (parts[1] == "memory" || parts[1] == "") {
-				memDir = filepath.Join("/sys/fs/cgroup", parts[1], parts[2])
-			}
-		}
-		return memDir != ""
-	})
-	if memDir == "" {
-		b, _ := os.ReadFile(proc + "/cgroup")
-		t.Fatalf("VMM not in a memory cgroup ending %s:\n%s", cgName, b)
+	if !strings.HasPrefix(v.cgroup, rt.cgPrefix) {
+		t.Fatalf("cgroup %q lacks the runtime's prefix %q", v.cgroup, rt.cgPrefix)
 	}
+	memDir := memCgroup(t, v.pid, v.cgroup)
 
 	snap := syntheticSnapshot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	rep, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: snap, WaitWord: stt.Counter,
-		Options: &vmmapi.Options{MemMiB: stt.MemSize >> 20, VCPUs: 1, RNG: true}})
-	if err != nil || rep.Status.State != "running" {
-		b, _ := os.ReadFile(filepath.Join(sbDir, "vmm.log"))
-		t.Fatalf("restore in a jailed runtime VMM: %+v %v\n%s", rep, err, b)
-	}
+	restoreSynth(t, v, snap, sbDir)
 	status, _ := os.ReadFile(proc + "/status")
 	for _, want := range []string{"NoNewPrivs:\t1", "Seccomp:\t2"} {
 		if !strings.Contains(string(status), want) {
@@ -126,6 +158,8 @@ func TestPoolJailedVMM(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join(memDir, limFile)); strings.TrimSpace(string(b)) != strconv.Itoa((stt.MemSize>>20+256)<<20) {
 		t.Errorf("%s = %q, want guest RAM + 256 MiB", limFile, b)
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
 	pause := filepath.Join(sbDir, "pause-1")
 	if _, err := v.cl.Snapshot(ctx, vmmapi.SnapshotRequest{Dir: pause, Diff: true}); err != nil {
 		t.Fatalf("diff snapshot under the filter: %v", err)
@@ -133,11 +167,208 @@ func TestPoolJailedVMM(t *testing.T) {
 	if _, err := snapshot.Load(pause); err != nil {
 		t.Fatal(err)
 	}
-	stopVMM(v.pid, v.socket)
-	if alive(v.pid) {
-		t.Fatal("VMM alive after stop")
+	rt.stopVMM(v.pid, v.socket)
+	if !gone(v.pid) {
+		t.Fatal("VMM not reaped after stop")
 	}
-	if !stt.WaitFor(10*time.Second, func() bool { return !alive(launcher) && !fileExists(memDir) }) {
-		t.Fatalf("launcher alive %v, cgroup %s left %v", alive(launcher), memDir, fileExists(memDir))
+	if e := v.sup.Exit(); !e.Reaped || e.Code != 0 || e.Signal != 0 {
+		t.Errorf("stopped VMM: %s, want reaped here with exit code 0", e)
 	}
+	if fileExists(memDir) {
+		t.Fatalf("cgroup %s left after stop", memDir)
+	}
+
+	// kill -9 of the next pooled VMM: reaped, cgroup removed.
+	if !stt.WaitFor(30*time.Second, func() bool {
+		rt.pool.mu.Lock()
+		defer rt.pool.mu.Unlock()
+		return len(rt.pool.ready) == 1
+	}) {
+		t.Fatal("pool did not refill")
+	}
+	rt.pool.mu.Lock()
+	v2 := rt.pool.ready[0].v
+	rt.pool.mu.Unlock()
+	if !gone(v2.launcher) {
+		t.Errorf("second launcher %d still there", v2.launcher)
+	}
+	memDir2 := memCgroup(t, v2.pid, v2.cgroup)
+	syscall.Kill(v2.pid, syscall.SIGKILL)
+	if !v2.sup.WaitFor(10 * time.Second) {
+		t.Fatal("killed VMM not seen exiting")
+	}
+	if e := v2.sup.Exit(); !e.Reaped || e.Signal != syscall.SIGKILL {
+		t.Errorf("killed VMM: %s, want reaped here, SIGKILL", e)
+	}
+	if !gone(v2.pid) || fileExists(memDir2) {
+		t.Fatalf("after kill -9: VMM gone %v, cgroup %s left %v", gone(v2.pid), memDir2, fileExists(memDir2))
+	}
+}
+
+// TestJailedCrashAdopt: a runtime process holding jailed VMMs (two
+// sandboxes, one pooled) dies with SIGKILL; one orphaned VMM is then
+// killed while no runtime runs. A new runtime on the same dir adopts the
+// live sandbox, removes the dead one and its cgroup, stops the previous
+// pool's VMM and removes its cgroup; when the adopted VMM is later
+// killed -9 its cgroup is removed; Destroy of a second adopted one leaves
+// no VMM and no cgroup.
+func TestJailedCrashAdopt(t *testing.T) {
+	if d := os.Getenv("CUBE_MICROVM_CRASH_HELPER"); d != "" {
+		crashHelper(t, d)
+		return
+	}
+	needJail(t)
+	bin := realCube(t)
+	dir := t.TempDir()
+	snap := syntheticSnapshot(t)
+	// Orphans of the helper come to this process (as they would to the
+	// node's service manager), which reaps them once adopted.
+	if err := vmmapi.SetSubreaper(); err != nil {
+		t.Fatal(err)
+	}
+	h := exec.Command(os.Args[0], "-test.run=^TestJailedCrashAdopt$", "-test.v")
+	h.Env = append(os.Environ(), "CUBE_MICROVM_CRASH_HELPER="+dir, "CUBE_TEST_CUBE="+bin, "CUBE_TEST_SNAP="+snap)
+	out, _ := h.StdoutPipe()
+	h.Stderr = os.Stderr
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan bool, 1)
+	go func() {
+		b := make([]byte, 4096)
+		var acc string
+		for {
+			n, err := out.Read(b)
+			acc += string(b[:n])
+			if strings.Contains(acc, "CRASH-HELPER-READY") {
+				ready <- true
+				io.Copy(io.Discard, out)
+				return
+			}
+			if err != nil {
+				ready <- false
+				t.Logf("helper output:\n%s", acc)
+				return
+			}
+		}
+	}()
+	if !<-ready {
+		h.Process.Kill()
+		h.Wait()
+		t.Fatal("crash helper failed")
+	}
+	recs := map[string]record{}
+	for _, id := range []string{"a", "b", "c"} {
+		var r record
+		if err := readJSON(filepath.Join(dir, "sandboxes", id, "sandbox.json"), &r); err != nil {
+			t.Fatal(err)
+		}
+		recs[id] = r
+	}
+	poolEnts, _ := filepath.Glob(filepath.Join(dir, "pool", "*", "pid"))
+	if len(poolEnts) != 1 {
+		t.Fatalf("helper pool: %v", poolEnts)
+	}
+	pb, _ := os.ReadFile(poolEnts[0])
+	poolPID, _ := strconv.Atoi(strings.TrimSpace(string(pb)))
+	cgDirs := map[string]string{}
+	for id, r := range recs {
+		cgDirs[id] = memCgroup(t, r.PID, r.Cgroup)
+	}
+	poolCg := ""
+	if b, err := os.ReadFile("/proc/" + strconv.Itoa(poolPID) + "/cgroup"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			parts := strings.SplitN(line, ":", 3)
+			if len(parts) == 3 && strings.Contains(parts[2], "/cube-vmm/") && (parts[1] == "memory" || parts[1] == "") {
+				poolCg = filepath.Join("/sys/fs/cgroup", parts[1], parts[2])
+			}
+		}
+	}
+	if poolCg == "" {
+		t.Fatalf("pooled VMM %d has no cgroup", poolPID)
+	}
+	// The runtime dies; then sandbox b's VMM dies unsupervised.
+	h.Process.Kill()
+	h.Wait()
+	syscall.Kill(recs["b"].PID, syscall.SIGKILL)
+	// (This process stands in for the service manager that reaps it.)
+	var ws syscall.WaitStatus
+	if _, err := syscall.Wait4(recs["b"].PID, &ws, 0, nil); err != nil {
+		t.Fatalf("reap b: %v", err)
+	}
+	if !fileExists(cgDirs["b"]) {
+		t.Fatal("test premise: b's cgroup should outlive it while no runtime runs")
+	}
+
+	rt, err := New(Options{Dir: dir, CubeBin: bin, PoolSize: 0, Kernel: kernelPath()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	list, _ := rt.List(context.Background())
+	ids := map[string]bool{}
+	for _, i := range list {
+		ids[i.ID] = true
+	}
+	if !ids["a"] || !ids["c"] || ids["b"] || len(ids) != 2 {
+		t.Fatalf("adopted %v, want a and c", ids)
+	}
+	if fileExists(cgDirs["b"]) || fileExists(rt.sbDir("b")) {
+		t.Errorf("dead sandbox b: cgroup left %v, dir left %v", fileExists(cgDirs["b"]), fileExists(rt.sbDir("b")))
+	}
+	if !stt.WaitFor(5*time.Second, func() bool { return !alive(poolPID) && !fileExists(poolCg) }) {
+		t.Errorf("previous pool VMM %d alive %v, cgroup %s left %v", poolPID, alive(poolPID), poolCg, fileExists(poolCg))
+	}
+	// The adopted a, killed -9: seen, reaped (it is this process's child
+	// now), cgroup removed.
+	syscall.Kill(recs["a"].PID, syscall.SIGKILL)
+	if !stt.WaitFor(10*time.Second, func() bool { return gone(recs["a"].PID) && !fileExists(cgDirs["a"]) }) {
+		t.Fatalf("adopted VMM killed -9: gone %v, cgroup %s left %v", gone(recs["a"].PID), cgDirs["a"], fileExists(cgDirs["a"]))
+	}
+	if err := rt.Destroy(context.Background(), "c"); err != nil {
+		t.Fatal(err)
+	}
+	if !stt.WaitFor(5*time.Second, func() bool { return gone(recs["c"].PID) && !fileExists(cgDirs["c"]) }) {
+		t.Fatalf("destroyed c: VMM gone %v, cgroup left %v", gone(recs["c"].PID), fileExists(cgDirs["c"]))
+	}
+	rt.Destroy(context.Background(), "a")
+	if left := jail.RemoveStale(rt.cgPrefix); len(left) > 0 {
+		t.Errorf("cgroups left behind: %v", left)
+	}
+}
+
+// crashHelper is the runtime process TestJailedCrashAdopt kills: three
+// running sandboxes (restored, paused synthetic guests) and one pooled
+// VMM, then it waits to be killed.
+func crashHelper(t *testing.T, dir string) {
+	rt, err := New(Options{Dir: dir, CubeBin: os.Getenv("CUBE_TEST_CUBE"), PoolSize: 1, Kernel: kernelPath()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := os.Getenv("CUBE_TEST_SNAP")
+	for _, id := range []string{"a", "b", "c"} {
+		sbDir := rt.sbDir(id)
+		os.MkdirAll(sbDir, 0o755)
+		v, err := rt.pool.get(sbDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		restoreSynth(t, v, snap, sbDir)
+		if _, err := v.cl.Pause(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		rec := record{ID: id, TemplateID: "tpl", State: runtime.StateRunning, PID: v.pid, Socket: v.socket, Cgroup: v.cgroup, StartedAt: time.Now()}
+		if err := writeJSON(filepath.Join(sbDir, "sandbox.json"), rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !stt.WaitFor(30*time.Second, func() bool {
+		rt.pool.mu.Lock()
+		defer rt.pool.mu.Unlock()
+		return len(rt.pool.ready) == 1
+	}) {
+		t.Fatal("pool did not refill")
+	}
+	fmt.Println("CRASH-HELPER-READY")
+	select {}
 }

@@ -19,7 +19,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +36,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,6 +44,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/vmm/jail"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
 	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
 	"github.com/cubesandbox/cube/internal/vmm/vmmspec"
@@ -109,6 +113,8 @@ type record struct {
 	Env  map[string]string `json:"env,omitempty"`
 	// Token is the envd access token (kept to re-init after resume).
 	Token string `json:"token,omitempty"`
+	// Cgroup is the jailed VMM's cgroup (cube-vmm/<Cgroup>).
+	Cgroup string `json:"cgroup,omitempty"`
 	// Stats sampling.
 	lastCPU  uint64
 	lastTime time.Time
@@ -132,6 +138,12 @@ type Runtime struct {
 	sandboxes map[string]*sandbox
 
 	pool *vmmPool
+
+	// cgPrefix starts the names of this state dir's VMM cgroups.
+	cgPrefix string
+	cgSeq    atomic.Int64
+	supMu    sync.Mutex
+	sups     map[int]*vmmapi.Supervised // live VMMs by pid
 }
 
 var _ runtime.Runtime = (*Runtime)(nil)
@@ -160,7 +172,15 @@ func New(o Options) (*Runtime, error) {
 			return nil, errs.Wrap(errs.Internal, err, "microvm state dir")
 		}
 	}
-	r := &Runtime{o: o, log: o.Log, sandboxes: map[string]*sandbox{}}
+	r := &Runtime{o: o, log: o.Log, sandboxes: map[string]*sandbox{}, sups: map[int]*vmmapi.Supervised{}}
+	abs, _ := filepath.Abs(o.Dir)
+	h := sha256.Sum256([]byte(abs))
+	r.cgPrefix = "mv-" + hex.EncodeToString(h[:5]) + "-"
+	// A jailed VMM's launcher exits once the VMM serves: the VMM is then
+	// reparented here and reaped by its supervisor.
+	if err := vmmapi.SetSubreaper(); err != nil {
+		r.log.Warn("microvm: cannot become child subreaper; exited VMMs are reaped by init", "err", err)
+	}
 	if o.TemplatesOnly {
 		o.PoolSize = 0
 	} else {
@@ -189,17 +209,22 @@ type templateMeta struct {
 type vmm struct {
 	pid    int
 	socket string
-	cl     *vmmapi.Client
-	cmd    *exec.Cmd
+	cgroup string // jailed: its cgroup's name
+	// launcher is the jail launcher's pid (gone once the VMM serves).
+	launcher int
+	cl       *vmmapi.Client
+	sup      *vmmapi.Supervised
 }
 
 // startVMM launches `cube vmm-restore --guest linux` in its own session
 // and network namespace (where a slot-less sandbox gets a private tap):
 // jailed by default (`--jail`: the launcher re-executes the VMM in new
-// namespaces and its own cgroup and waits for it), under its seccomp
+// namespaces and its own cgroup and exits once it serves; the VMM is
+// reparented to this process, the child subreaper), under its seccomp
 // filter from before the first guest instruction. It does not die with
 // this process: sandboxes outlive a cube restart. v.pid is the VMM
-// itself (as it reports), not its jail launcher.
+// itself (as it reports); it is supervised through a pidfd (reaped and
+// its cgroup removed when it exits).
 func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "vmm dir")
@@ -212,8 +237,10 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 	}
 	defer logf.Close()
 	args := []string{"vmm-restore", "--guest", "linux", "--api-socket", sock}
+	cgName := ""
 	if !r.o.NoJail {
-		args = append(args, "--jail")
+		cgName = fmt.Sprintf("%s%d-%d", r.cgPrefix, os.Getpid(), r.cgSeq.Add(1))
+		args = append(args, "--jail", "--cgroup", cgName)
 		if r.o.UID > 0 {
 			args = append(args, "--uid", strconv.Itoa(r.o.UID), "--gid", strconv.Itoa(r.o.GID))
 		}
@@ -230,42 +257,140 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "start vmm")
 	}
-	v := &vmm{pid: cmd.Process.Pid, socket: sock, cl: vmmapi.NewClient(sock), cmd: cmd}
-	go cmd.Wait() // reap when it exits while we run; adopted ones are reaped by init
+	logHint := filepath.Join(dir, "vmm.log")
+	v := &vmm{pid: cmd.Process.Pid, launcher: cmd.Process.Pid, socket: sock, cgroup: cgName, cl: vmmapi.NewClient(sock)}
+	var cg *jail.Cgroup
+	if r.o.NoJail {
+		// The VMM is our child: supervise (and reap) it directly.
+		sup, err := r.supervise(v.pid, nil)
+		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			return nil, errs.Wrap(errs.Internal, err, "supervise vmm")
+		}
+		cmd.Process.Release()
+		v.sup = sup
+	} else {
+		// The launcher exits once the VMM is in its cgroup and serves.
+		cg, _ = jail.OpenCgroup(cgName)
+		werr := make(chan error, 1)
+		go func() { werr <- cmd.Wait() }()
+		select {
+		case err = <-werr:
+		case <-time.After(40 * time.Second):
+			cmd.Process.Kill()
+			err = fmt.Errorf("launcher did not finish: %w", <-werr)
+		}
+		if err != nil {
+			r.abandon(sock, cg)
+			return nil, errs.Wrap(errs.Unavailable, err, "jailed vmm did not come up (see %s)", logHint)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	st, err := v.cl.WaitReady(ctx)
 	if err != nil {
-		v.kill()
-		return nil, errs.Wrap(errs.Unavailable, err, "vmm did not come up (see %s)", filepath.Join(dir, "vmm.log"))
+		if v.sup != nil {
+			v.kill()
+		} else {
+			r.abandon(sock, cg)
+		}
+		return nil, errs.Wrap(errs.Unavailable, err, "vmm did not come up (see %s)", logHint)
 	}
-	if st.PID > 0 && st.PID != v.pid {
-		// Jailed: the launcher relays; the VMM is its child. Killing the
-		// VMM ends the launcher (which removes the cgroup); killing the
-		// launcher kills the VMM (parent-death signal).
+	if v.sup == nil {
+		// Jailed: the VMM, reparented to this process (subreaper).
 		v.pid = st.PID
+		if v.sup, err = r.supervise(v.pid, cg); err != nil {
+			syscall.Kill(v.pid, syscall.SIGKILL)
+			waitGone(v.pid, 5*time.Second)
+			if cg != nil {
+				cg.Remove()
+			}
+			return nil, errs.Wrap(errs.Internal, err, "supervise vmm")
+		}
 	}
 	return v, nil
 }
 
+// abandon cleans up after a jailed launch that failed: a VMM that
+// answers on the socket is killed, then its cgroup is removed.
+func (r *Runtime) abandon(sock string, cg *jail.Cgroup) {
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	st, err := vmmapi.NewClient(sock).Status(ctx)
+	cancel()
+	if err == nil && st.PID > 0 {
+		syscall.Kill(st.PID, syscall.SIGKILL)
+		waitGone(st.PID, 5*time.Second)
+	}
+	if cg != nil {
+		cg.Remove()
+	}
+}
+
+// supervise watches a VMM (our child, or one adopted from an earlier
+// process) until it exits: it is reaped if ours, its cgroup removed.
+func (r *Runtime) supervise(pid int, cg *jail.Cgroup) (*vmmapi.Supervised, error) {
+	s, err := vmmapi.Supervise(pid, cg)
+	if err != nil {
+		return nil, err
+	}
+	r.supMu.Lock()
+	r.sups[pid] = s
+	r.supMu.Unlock()
+	go func() {
+		<-s.Done()
+		r.supMu.Lock()
+		if r.sups[pid] == s {
+			delete(r.sups, pid)
+		}
+		r.supMu.Unlock()
+		r.log.Debug("microvm: vmm exited", "pid", pid, "exit", s.Exit().String())
+	}()
+	return s, nil
+}
+
+func (r *Runtime) supervised(pid int) *vmmapi.Supervised {
+	r.supMu.Lock()
+	defer r.supMu.Unlock()
+	return r.sups[pid]
+}
+
 func (v *vmm) kill() {
+	if v.sup != nil {
+		v.sup.Kill(5 * time.Second)
+		return
+	}
 	if v.pid > 0 {
 		syscall.Kill(v.pid, syscall.SIGKILL)
 		waitGone(v.pid, 5*time.Second)
 	}
 }
 
-// stop asks the VMM to stop, then kills it if it lingers.
-func stopVMM(pid int, socket string) {
+// stopVMM asks the VMM to stop, then kills it if it lingers; a
+// supervised one is signalled through its pidfd and waited for until it
+// is reaped and its cgroup removed.
+func (r *Runtime) stopVMM(pid int, socket string) {
 	if pid <= 0 {
+		return
+	}
+	s := r.supervised(pid)
+	if s == nil {
+		// Not watched yet (a previous process's VMM): watch it now, so
+		// that it is reaped if it is our child (reparented to this
+		// subreaper) and signalled through a pidfd.
+		var err error
+		if s, err = r.supervise(pid, nil); err != nil {
+			return // gone already
+		}
+	}
+	if s.Exited() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	vmmapi.NewClient(socket).Stop(ctx)
 	cancel()
-	if !waitGone(pid, 3*time.Second) {
-		syscall.Kill(pid, syscall.SIGKILL)
-		waitGone(pid, 5*time.Second)
+	if !s.WaitFor(3 * time.Second) {
+		s.Kill(5 * time.Second)
 	}
 }
 
@@ -357,7 +482,7 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	if err != nil {
 		return err
 	}
-	defer stopVMM(v.pid, v.socket)
+	defer r.stopVMM(v.pid, v.socket)
 	progress("probing")
 	port := t.ProbePort
 	if port == 0 {
@@ -387,7 +512,7 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	if _, err := v.cl.Snapshot(ctx, vmmapi.SnapshotRequest{Dir: filepath.Join(dir, "snap")}); err != nil {
 		return err
 	}
-	stopVMM(v.pid, v.socket)
+	r.stopVMM(v.pid, v.socket)
 	os.Remove(o.VsockUDS)
 	if err := writeJSON(filepath.Join(dir, "template.json"), templateMeta{ID: t.ID, MemMiB: mem, VCPUs: cpus, Base: base}); err != nil {
 		return err
@@ -523,7 +648,7 @@ func (r *Runtime) run(ctx context.Context, sb *sandbox) error {
 		v.kill()
 		return err
 	}
-	rec.PID, rec.Socket, rec.State, rec.StartedAt = v.pid, v.socket, runtime.StateRunning, time.Now()
+	rec.PID, rec.Socket, rec.Cgroup, rec.State, rec.StartedAt = v.pid, v.socket, v.cgroup, runtime.StateRunning, time.Now()
 	auth := rec.Token
 	if sb.initAuth != "" {
 		auth, sb.initAuth = sb.initAuth, ""
@@ -561,9 +686,9 @@ func (r *Runtime) Pause(ctx context.Context, id string) error {
 	if _, err := cl.Snapshot(ctx, vmmapi.SnapshotRequest{Dir: dir, Diff: true}); err != nil {
 		return err
 	}
-	stopVMM(sb.rec.PID, sb.rec.Socket)
+	r.stopVMM(sb.rec.PID, sb.rec.Socket)
 	old := sb.rec.Snap
-	sb.rec.Snap, sb.rec.State, sb.rec.PID = dir, runtime.StatePaused, 0
+	sb.rec.Snap, sb.rec.State, sb.rec.PID, sb.rec.Cgroup = dir, runtime.StatePaused, 0, ""
 	if strings.HasPrefix(old, sb.dir+"/") {
 		os.RemoveAll(old)
 	}
@@ -661,7 +786,7 @@ func (r *Runtime) Destroy(ctx context.Context, id string) error {
 	}
 	sb.mu.Lock()
 	defer sb.mu.Unlock()
-	stopVMM(sb.rec.PID, sb.rec.Socket)
+	r.stopVMM(sb.rec.PID, sb.rec.Socket)
 	r.mu.Lock()
 	delete(r.sandboxes, id)
 	r.mu.Unlock()
@@ -939,9 +1064,22 @@ func (r *Runtime) adopt() {
 			cancel()
 			if err != nil || !alive(rec.PID) || st.PID != rec.PID || (st.State != "running" && st.State != "paused") {
 				r.log.Warn("microvm: sandbox VMM is gone; removing", "id", rec.ID, "err", err)
-				stopVMM(rec.PID, rec.Socket)
+				if err == nil && st.PID == rec.PID {
+					// Ours but unusable; a pid that does not answer as
+					// ours may be another process's now: left alone.
+					r.stopVMM(rec.PID, rec.Socket)
+				}
 				os.RemoveAll(dir)
 				continue
+			}
+			// Watch it (it is init's or an older subreaper's child now):
+			// its exit removes its cgroup.
+			var cg *jail.Cgroup
+			if rec.Cgroup != "" {
+				cg, _ = jail.OpenCgroup(rec.Cgroup)
+			}
+			if _, err := r.supervise(rec.PID, cg); err != nil {
+				r.log.Warn("microvm: cannot supervise adopted VMM", "id", rec.ID, "pid", rec.PID, "err", err)
 			}
 		case runtime.StatePaused:
 		default:
@@ -956,10 +1094,21 @@ func (r *Runtime) adopt() {
 		dir := filepath.Join(r.o.Dir, "pool", e.Name())
 		if b, err := os.ReadFile(filepath.Join(dir, "pid")); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && alive(pid) {
-				stopVMM(pid, filepath.Join(dir, "vmm.sock"))
+				sock := filepath.Join(dir, "vmm.sock")
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				st, err := vmmapi.NewClient(sock).Status(ctx)
+				cancel()
+				if err == nil && st.PID == pid {
+					r.stopVMM(pid, sock)
+				}
 			}
 		}
 		os.RemoveAll(dir)
+	}
+	// Cgroups of VMMs that exited while no runtime watched them (rmdir
+	// leaves those of live VMMs alone).
+	if gone := jail.RemoveStale(r.cgPrefix); len(gone) > 0 {
+		r.log.Info("microvm: removed cgroups of exited VMMs", "cgroups", gone)
 	}
 }
 

@@ -72,7 +72,7 @@ func (p *vmmPool) filler() {
 			p.mu.Lock()
 			if p.closed {
 				p.mu.Unlock()
-				stopVMM(e.v.pid, e.v.socket)
+				p.r.stopVMM(e.v.pid, e.v.socket)
 				os.RemoveAll(e.dir)
 				return
 			}
@@ -195,7 +195,7 @@ func (p *vmmPool) close() {
 	p.mu.Unlock()
 	<-p.done
 	for _, e := range ready {
-		stopVMM(e.v.pid, e.v.socket)
+		p.r.stopVMM(e.v.pid, e.v.socket)
 		os.RemoveAll(e.dir)
 	}
 	ents, _ := os.ReadDir(filepath.Join(p.r.o.Dir, "pool"))

@@ -155,6 +155,74 @@ func CreateCgroup(name string, l Limits) (*Cgroup, error) {
 	return c, nil
 }
 
+// OpenCgroup names the cgroup CreateCgroup(name) makes when called by
+// this process or a child of it (below this process's own cgroups),
+// without creating anything: a supervisor removes it once the VMM that a
+// (now gone) launcher put there has exited.
+func OpenCgroup(name string) (*Cgroup, error) {
+	if !cgroupName.MatchString(name) {
+		return nil, fmt.Errorf("cgroup name %q: use letters, digits, '_', '.', '-'", name)
+	}
+	paths, err := selfPaths()
+	if err != nil {
+		return nil, fmt.Errorf("read /proc/self/cgroup: %w", err)
+	}
+	c := &Cgroup{Name: name}
+	if _, err := os.Stat(filepath.Join(CgroupRoot, "cgroup.controllers")); err == nil {
+		c.V2 = true
+		c.Dirs = []string{filepath.Join(CgroupRoot, paths[""], "cube-vmm", name)}
+		return c, nil
+	}
+	for _, ctrl := range []string{"cpu", "memory", "pids"} {
+		p, ok := paths[ctrl]
+		if !ok {
+			return nil, fmt.Errorf("cgroup v1 controller %s is not mounted", ctrl)
+		}
+		c.Dirs = append(c.Dirs, filepath.Join(CgroupRoot, ctrl, p, "cube-vmm", name))
+	}
+	return c, nil
+}
+
+// RemoveStale removes the cgroups cube-vmm/<prefix>* below this process's
+// cgroups that hold no process (rmdir refuses populated ones): those of
+// VMMs that exited while nobody supervised them. It returns the names
+// removed.
+func RemoveStale(prefix string) []string {
+	if prefix == "" {
+		return nil
+	}
+	paths, err := selfPaths()
+	if err != nil {
+		return nil
+	}
+	var parents []string
+	if _, err := os.Stat(filepath.Join(CgroupRoot, "cgroup.controllers")); err == nil {
+		parents = []string{filepath.Join(CgroupRoot, paths[""], "cube-vmm")}
+	} else {
+		for _, ctrl := range []string{"cpu", "memory", "pids"} {
+			if p, ok := paths[ctrl]; ok {
+				parents = append(parents, filepath.Join(CgroupRoot, ctrl, p, "cube-vmm"))
+			}
+		}
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, parent := range parents {
+		ents, _ := os.ReadDir(parent)
+		for _, e := range ents {
+			if !e.IsDir() || !strings.HasPrefix(e.Name(), prefix) {
+				continue
+			}
+			if os.Remove(filepath.Join(parent, e.Name())) == nil && !seen[e.Name()] {
+				seen[e.Name()] = true
+				out = append(out, e.Name())
+			}
+		}
+		_ = os.Remove(parent) // the shared cube-vmm parent, if now empty
+	}
+	return out
+}
+
 // Add moves pid (every thread of it) into the cgroup.
 func (c *Cgroup) Add(pid int) error {
 	for _, d := range c.Dirs {

@@ -59,6 +59,12 @@ type LaunchConfig struct {
 	// under /run/netns later. The VMM never mounts (its seccomp filter
 	// kills mount), so nothing propagates back.
 	SharedMounts bool
+	// Detach lets the VMM outlive the launching process (no parent-death
+	// signal): `cube vmm-restore --jail` exits once its VMM serves, and
+	// the VMM is reparented to the launcher's subreaper (the runtime,
+	// which supervises it: Supervise) or init. Until the launcher exits
+	// it still reaps a VMM that dies and removes its cgroup.
+	Detach bool
 }
 
 // Process is a running VMM.
@@ -230,6 +236,9 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 	procs := max(2, min(o.VCPUs+1, 8))
 	cmd.Env = append(append(os.Environ(), "GODEBUG=updatemaxprocs=0", "GOMAXPROCS="+strconv.Itoa(procs)), c.Env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if c.Detach {
+		cmd.SysProcAttr.Pdeathsig = 0
+	}
 	if c.Isolate {
 		cmd.SysProcAttr.Cloneflags = unix.CLONE_NEWNS | unix.CLONE_NEWNET | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS
 	}
