@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/cubesandbox/cube/internal/vmm/jail"
 	"github.com/cubesandbox/cube/internal/vmm/kvm"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
 	st "github.com/cubesandbox/cube/internal/vmm/snapshot/snaptest"
@@ -110,11 +112,17 @@ func parallel(n, c int, f func(i int) error) error {
 }
 
 type vmmProc struct {
-	cmd *exec.Cmd
+	cmd *exec.Cmd // plain: the VMM
+	pid int       // the VMM
+	sup *vmmapi.Supervised
 	cl  *vmmapi.Client
 }
 
-func startVMM(dir string, i int, prepare string) (*vmmProc, error) {
+// startVMM starts a pre-started VMM; jailed, as the microVM runtime
+// does: `vmm-restore --jail` (namespaces, cgroup, seccomp), whose
+// launcher exits once the VMM serves; this process (child subreaper)
+// supervises the VMM.
+func startVMM(dir string, i int, prepare string, jailed bool) (*vmmProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -124,11 +132,37 @@ func startVMM(dir string, i int, prepare string) (*vmmProc, error) {
 	if prepare != "" {
 		args = append(args, "--prepare", prepare)
 	}
+	cgName := fmt.Sprintf("bench-%d-%d-%d", os.Getpid(), i, time.Now().UnixNano()%1e9)
+	if jailed {
+		args = append(args, "--jail", "--cgroup", cgName)
+	} else {
+		args = append(args, "--no-seccomp")
+	}
 	c := exec.Command(self, args...)
 	c.Stderr = os.Stderr
-	c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if !jailed {
+		c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	}
+	var out strings.Builder
+	c.Stdout = &out
 	if err := c.Start(); err != nil {
 		return nil, err
+	}
+	p := &vmmProc{cmd: c, pid: c.Process.Pid, cl: vmmapi.NewClient(sock)}
+	if jailed {
+		if err := c.Wait(); err != nil {
+			return nil, fmt.Errorf("jailed vmm %d: launcher: %v", i, err)
+		}
+		var o struct{ PID int }
+		if err := json.Unmarshal([]byte(out.String()), &o); err != nil || o.PID <= 0 {
+			return nil, fmt.Errorf("jailed vmm %d: launcher printed %q", i, out.String())
+		}
+		cg, _ := jail.OpenCgroup(cgName)
+		if p.sup, err = vmmapi.Supervise(o.PID, cg, sock); err != nil {
+			syscall.Kill(o.PID, syscall.SIGKILL)
+			return nil, err
+		}
+		p.cmd, p.pid = nil, o.PID
 	}
 	// Ready when the socket accepts.
 	deadline := time.Now().Add(30 * time.Second)
@@ -139,13 +173,11 @@ func startVMM(dir string, i int, prepare string) (*vmmProc, error) {
 			break
 		}
 		if time.Now().After(deadline) {
-			c.Process.Kill()
-			c.Wait()
+			p.kill()
 			return nil, fmt.Errorf("vmm %d did not come up: %v", i, err)
 		}
 		time.Sleep(200 * time.Microsecond)
 	}
-	p := &vmmProc{cmd: c, cl: vmmapi.NewClient(sock)}
 	if prepare != "" {
 		// A pool keeps its control connection open: warm it.
 		if _, err := p.cl.Status(context.Background()); err != nil {
@@ -156,10 +188,25 @@ func startVMM(dir string, i int, prepare string) (*vmmProc, error) {
 	return p, nil
 }
 
+func (p *vmmProc) kill() {
+	if p.sup != nil {
+		p.sup.Kill(10 * time.Second)
+		return
+	}
+	p.cmd.Process.Kill()
+	p.cmd.Wait()
+}
+
 func (p *vmmProc) stop() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	p.cl.Stop(ctx)
+	if p.sup != nil {
+		if !p.sup.WaitFor(3 * time.Second) {
+			p.sup.Kill(10 * time.Second)
+		}
+		return
+	}
 	done := make(chan struct{})
 	go func() { p.cmd.Wait(); close(done) }()
 	select {
@@ -213,16 +260,30 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 	fmt.Fprintf(out, "synthetic guest: %d MiB RAM, 1 vCPU, virtio-rng with a request in flight; snapshot taken in %s: state file %d bytes, memory file %.1f MiB allocated\n",
 		st.MemSize>>20, msStr(takeDur), stFI.Size(), float64(memAlloc)/(1<<20))
 
+	// Jailed VMMs (the microVM runtime's default) need root and cgroups;
+	// their launchers exit once the VMM serves, and this process reaps
+	// the VMMs as their subreaper.
+	jailOK := os.Geteuid() == 0 && jail.CgroupsAvailable() == nil && vmmapi.SetSubreaper() == nil
+	if !jailOK {
+		fmt.Fprintln(out, "jailed row skipped: needs root and cgroups")
+	}
 	var rows []restoreRow
 	ctx := context.Background()
 	for _, c := range concs {
-		for _, mode := range []string{"prepared", "pre-started", "cold"} {
+		for _, mode := range []string{"prepared", "jailed", "pre-started", "cold"} {
 			row := restoreRow{c: c}
 			procs := make([]*vmmProc, n)
 			prepare := ""
+			jailed := mode == "jailed"
+			if jailed && !jailOK {
+				continue
+			}
 			switch mode {
 			case "prepared":
 				row.path = "pre-started VMM, restore prepared (request -> running)"
+				prepare = snap
+			case "jailed":
+				row.path = "pre-started jailed VMM (runtime default: --jail, seccomp; launcher exited), restore prepared"
 				prepare = snap
 			case "pre-started":
 				row.path = "pre-started VMM, not prepared (request -> running)"
@@ -231,7 +292,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 			}
 			if mode != "cold" {
 				if err := parallel(n, 4, func(i int) error {
-					p, err := startVMM(work, i, prepare)
+					p, err := startVMM(work, i, prepare, jailed)
 					procs[i] = p
 					return err
 				}); err != nil {
@@ -243,7 +304,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 			err := parallel(n, c, func(i int) error {
 				t0 := time.Now()
 				if mode == "cold" {
-					p, err := startVMM(work, i, "")
+					p, err := startVMM(work, i, "", false)
 					if err != nil {
 						return err
 					}
@@ -264,9 +325,9 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 				mu.Unlock()
 				return nil
 			})
-			if err == nil && mode == "prepared" {
+			if err == nil && (mode == "prepared" || jailed) {
 				for _, p := range procs {
-					mm, err := st.ReadMem(p.cmd.Process.Pid)
+					mm, err := st.ReadMem(p.pid)
 					if err != nil {
 						continue
 					}
@@ -307,7 +368,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 		if strings.HasPrefix(r.path, "crun") {
 			crunP50[r.c] = r.lat.pct(50)
 		}
-		if strings.Contains(r.path, "prepared (") {
+		if strings.HasPrefix(r.path, "pre-started VMM, restore prepared (") {
 			prepP50[r.c] = r.lat.pct(50)
 		}
 	}

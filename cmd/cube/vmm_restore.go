@@ -124,7 +124,9 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	}
 	p, err := vmmapi.Launch(ctx, vmmapi.LaunchConfig{
 		Subcommand: sub, Socket: fl.sock, Isolate: true, SharedMounts: true, Detach: true,
-		UID: fl.uid, GID: fl.gid, Cgroup: name, Stdout: os.Stdout, Stderr: os.Stderr,
+		// The VMM writes to stderr only: stdout carries the launcher's
+		// one JSON line and is closed when it exits.
+		UID: fl.uid, GID: fl.gid, Cgroup: name, Stdout: os.Stderr, Stderr: os.Stderr,
 	})
 	if err != nil {
 		return fmt.Errorf("launch vmm-restore: %w", err)

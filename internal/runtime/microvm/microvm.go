@@ -330,7 +330,7 @@ func (r *Runtime) abandon(sock string, cg *jail.Cgroup) {
 // supervise watches a VMM (our child, or one adopted from an earlier
 // process) until it exits: it is reaped if ours, its cgroup removed.
 func (r *Runtime) supervise(pid int, cg *jail.Cgroup) (*vmmapi.Supervised, error) {
-	s, err := vmmapi.Supervise(pid, cg)
+	s, err := vmmapi.Supervise(pid, cg, "")
 	if err != nil {
 		return nil, err
 	}

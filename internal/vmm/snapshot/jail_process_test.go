@@ -5,7 +5,9 @@ package snapshot_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -88,17 +90,18 @@ func (s *syncBuf) String() string {
 }
 
 type jailedVMM struct {
-	cmd    *exec.Cmd // the jail launcher (`cube vmm-restore --jail`)
-	cl     *vmmapi.Client
-	pid    int // the VMM itself
-	stderr *syncBuf
-	done   chan struct{} // closed when the launcher has exited (err set)
-	err    error
-	cg     string
+	launcher int // the jail launcher (`cube vmm-restore --jail`): exited once the VMM serves
+	cl       *vmmapi.Client
+	pid      int // the VMM itself, reparented to this process (subreaper)
+	sup      *vmmapi.Supervised
+	stderr   *syncBuf
+	cg       string
 }
 
-// startJailed starts `cube vmm-restore --jail` for the synthetic guest
-// with a seccomp probe and waits until its control socket answers.
+// startJailed makes this process the child subreaper (as the microVM
+// runtime is), starts `cube vmm-restore --jail` for the synthetic guest
+// with a seccomp probe, checks that the launcher exits 0 once the VMM
+// answers (printing the VMM's pid) and supervises the VMM.
 func startJailed(t *testing.T, dir string, probe string, extra ...string) *jailedVMM {
 	t.Helper()
 	needKVM(t)
@@ -108,44 +111,78 @@ func startJailed(t *testing.T, dir string, probe string, extra ...string) *jaile
 	if err := jail.CgroupsAvailable(); err != nil {
 		t.Skipf("no usable cgroups: %v", err)
 	}
+	if err := vmmapi.SetSubreaper(); err != nil {
+		t.Fatal(err)
+	}
 	bin := cubeBinary(t)
 	sock := filepath.Join(dir, "vmm.sock")
 	cg := "test-restore-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatInt(time.Now().UnixNano()%1e6, 10)
 	args := append([]string{"vmm-restore", "--jail", "--api-socket", sock, "--cgroup", cg}, extra...)
 	cmd := exec.Command(bin, args...)
-	v := &jailedVMM{cmd: cmd, cl: vmmapi.NewClient(sock), stderr: &syncBuf{}, done: make(chan struct{}), cg: cg}
-	cmd.Stdout, cmd.Stderr = io.Discard, v.stderr
+	v := &jailedVMM{cl: vmmapi.NewClient(sock), stderr: &syncBuf{}, cg: cg}
+	// stderr through a pipe this process reads: the VMM inherits it and
+	// outlives the launcher (an io.Writer would make Wait wait for it).
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, pw
 	cmd.Env = append(os.Environ(), "CUBE_VMM_SECCOMP_PROBE="+probe)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { v.err = cmd.Wait(); close(v.done) }()
-	t.Cleanup(func() {
-		// Kill the VMM and let the launcher remove the cgroup and exit;
-		// kill the launcher only if it lingers.
-		if v.pid > 0 {
-			syscall.Kill(v.pid, syscall.SIGKILL)
-		} else {
-			cmd.Process.Signal(syscall.SIGTERM)
-		}
-		select {
-		case <-v.done:
-			return
-		case <-time.After(10 * time.Second):
-		}
+	pw.Close()
+	go io.Copy(v.stderr, pr)
+	v.launcher = cmd.Process.Pid
+	werr := make(chan error, 1)
+	go func() { werr <- cmd.Wait() }()
+	select {
+	case err = <-werr:
+	case <-time.After(60 * time.Second):
 		cmd.Process.Kill()
-		<-v.done
+		err = <-werr
+		t.Fatalf("launcher did not exit once its VMM served: %v\n%s", err, v.stderr.String())
+	}
+	if err != nil {
+		t.Fatalf("launcher: %v\n%s", err, v.stderr.String())
+	}
+	var out struct {
+		PID    int    `json:"pid"`
+		Cgroup string `json:"cgroup"`
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &out); err != nil || out.PID <= 0 || out.Cgroup != cg {
+		t.Fatalf("launcher output %q: %v", stdout.String(), err)
+	}
+	v.pid = out.PID
+	c, err := jail.OpenCgroup(cg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.sup, err = vmmapi.Supervise(v.pid, c, sock); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if !v.sup.Kill(10 * time.Second) {
+			t.Errorf("VMM %d not reaped after SIGKILL", v.pid)
+		}
+		pr.Close()
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	s, err := v.cl.WaitReady(ctx)
+	st, err := v.cl.WaitReady(ctx)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, v.stderr.String())
 	}
-	v.pid = s.PID
-	if v.pid == cmd.Process.Pid || v.pid <= 0 {
-		t.Fatalf("status pid %d: want the re-executed VMM, not the launcher %d", v.pid, cmd.Process.Pid)
+	if st.PID != v.pid || v.pid == v.launcher {
+		t.Fatalf("status pid %d, launcher said %d: want the re-executed VMM, not the launcher %d", st.PID, v.pid, v.launcher)
+	}
+	// The launcher is gone (reaped above), the VMM is this process's child.
+	if fileOK("/proc/" + strconv.Itoa(v.launcher)) {
+		t.Errorf("launcher %d still exists", v.launcher)
+	}
+	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(v.pid) + "/stat"); !strings.Contains(string(b), " "+strconv.Itoa(os.Getpid())+" ") {
+		t.Errorf("VMM not reparented to this subreaper (%d): %s", os.Getpid(), b)
 	}
 	return v
 }
@@ -187,7 +224,8 @@ func readTrim(p string) string {
 // seccomp filter (a probe open of /etc/hostname is refused with EPERM),
 // takes a full and two diff snapshots (pagemap, layer files, hard
 // links, renames) that restore correctly, pauses, resumes and stops;
-// then the cgroup and socket are gone.
+// then it is reaped here (exit 0) and the cgroup and socket are gone.
+// The launcher exited (0, printing the VMM's pid) before any of this.
 func TestJailedRestoreVMM(t *testing.T) {
 	work, err := os.MkdirTemp("", "cube-jailed-restore-")
 	if err != nil {
@@ -319,13 +357,14 @@ func TestJailedRestoreVMM(t *testing.T) {
 		t.Fatalf("resume: %+v %v", s, err)
 	}
 	v.cl.Stop(ctx)
-	select {
-	case <-v.done:
-		if v.err != nil {
-			t.Fatalf("launcher: %v\n%s", v.err, v.stderr.String())
-		}
-	case <-time.After(20 * time.Second):
+	if !v.sup.WaitFor(20 * time.Second) {
 		t.Fatal("jailed VMM did not exit after stop")
+	}
+	if e := v.sup.Exit(); !e.Reaped || e.Code != 0 || e.Signal != 0 {
+		t.Fatalf("VMM: %s, want reaped here with exit code 0\n%s", e, v.stderr.String())
+	}
+	if fileOK(proc) {
+		t.Errorf("VMM %d not reaped", v.pid)
 	}
 	for c, d := range dirs {
 		if fileOK(d) {
@@ -337,9 +376,44 @@ func TestJailedRestoreVMM(t *testing.T) {
 	}
 }
 
+// TestJailedRestoreKilled: a jailed VMM (launcher gone) killed with
+// SIGKILL is reaped by its supervisor, which removes its cgroup.
+func TestJailedRestoreKilled(t *testing.T) {
+	work := t.TempDir()
+	base := filepath.Join(work, "base")
+	orig, _ := takeSnapshot(t, base)
+	orig.VM.Close()
+	v := startJailed(t, work, "")
+	dirs := cgroupDirs(t, v.pid, v.cg)
+	if len(dirs) == 0 {
+		t.Fatal("VMM not in its cgroup")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Kill(v.pid, syscall.SIGKILL)
+	if !v.sup.WaitFor(20 * time.Second) {
+		t.Fatal("killed VMM not seen exiting")
+	}
+	if e := v.sup.Exit(); !e.Reaped || e.Signal != syscall.SIGKILL {
+		t.Fatalf("VMM: %s, want reaped here, SIGKILL", e)
+	}
+	if fileOK("/proc/" + strconv.Itoa(v.pid)) {
+		t.Errorf("VMM %d not reaped", v.pid)
+	}
+	for c, d := range dirs {
+		if fileOK(d) {
+			t.Errorf("cgroup %s left behind: %s", c, d)
+		}
+	}
+}
+
 // TestJailedRestoreSeccompKills: a jailed vmm-restore that calls execve
-// once its filter is installed is killed with SIGSYS; the launcher
-// reports it (exit 128+31) and removes the cgroup.
+// once its filter is installed is killed with SIGSYS; its supervisor
+// (this process, the subreaper: the launcher is gone) reaps it, sees
+// SIGSYS and removes the cgroup.
 func TestJailedRestoreSeccompKills(t *testing.T) {
 	work := t.TempDir()
 	base := filepath.Join(work, "base")
@@ -355,18 +429,11 @@ func TestJailedRestoreSeccompKills(t *testing.T) {
 	if _, err := v.cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err == nil {
 		t.Fatal("restore answered although the VMM made a forbidden syscall")
 	}
-	select {
-	case <-v.done:
-	case <-time.After(20 * time.Second):
+	if !v.sup.WaitFor(20 * time.Second) {
 		t.Fatal("VMM not killed")
 	}
-	err := v.err
-	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.ExitCode() != 128+int(syscall.SIGSYS) {
-		t.Fatalf("launcher exit %v, want %d\n%s", err, 128+int(syscall.SIGSYS), v.stderr.String())
-	}
-	if !strings.Contains(v.stderr.String(), "killed by signal 31 (bad system call)") {
-		t.Errorf("launcher did not report SIGSYS:\n%s", v.stderr.String())
+	if e := v.sup.Exit(); !e.Reaped || e.Signal != syscall.SIGSYS {
+		t.Fatalf("VMM: %s, want killed by SIGSYS (reaped here)\n%s", e, v.stderr.String())
 	}
 	if strings.Contains(v.stderr.String(), "execve returned") {
 		t.Error("execve returned instead of killing the VMM")
@@ -380,16 +447,20 @@ func TestJailedRestoreSeccompKills(t *testing.T) {
 
 // BenchmarkPrestartedVMMProcess: one sandbox's VMM life as the runtime
 // drives it: start `cube vmm-restore` (plain: no jail, no filter; jailed:
-// --jail and the seccomp filter, the runtime's default), wait until its
-// socket answers, restore the synthetic snapshot until the guest runs,
-// stop, wait for exit (and, jailed, the cgroup removal). Reported beside
-// each other in one run; launcher-RSS-KiB is the jail launcher's RSS and
-// launcher-anon-KiB its private (anonymous) part: the rest is the cube
-// binary's text, shared by every launcher and VMM.
+// --jail and the seccomp filter, the runtime's default, whose launcher
+// exits once the VMM serves), wait until its socket answers, restore the
+// synthetic snapshot until the guest runs, stop, wait for exit (jailed:
+// reaped by this process, the subreaper, and the cgroup removed).
+// Reported beside each other in one run: clone-PSS-KiB is the PSS of
+// every process the clone keeps: the VMM (the jailed launcher has
+// exited before the restore).
 func BenchmarkPrestartedVMMProcess(b *testing.B) {
 	needKVM(b)
 	if os.Geteuid() != 0 || jail.CgroupsAvailable() != nil {
 		b.Skip("needs root and cgroups")
+	}
+	if err := vmmapi.SetSubreaper(); err != nil {
+		b.Fatal(err)
 	}
 	bin := cubeBinary(b)
 	dir := b.TempDir()
@@ -398,51 +469,80 @@ func BenchmarkPrestartedVMMProcess(b *testing.B) {
 	orig.VM.Close()
 	for _, mode := range []string{"plain", "jailed"} {
 		b.Run(mode, func(b *testing.B) {
-			var launcherRSS, launcherAnon uint64
+			var pss uint64
 			for i := 0; i < b.N; i++ {
 				sock := filepath.Join(dir, "b.sock")
+				cg := fmt.Sprintf("bench-%d-%d", os.Getpid(), i)
 				args := []string{"vmm-restore", "--api-socket", sock}
 				if mode == "jailed" {
-					args = append(args, "--jail")
+					args = append(args, "--jail", "--cgroup", cg)
 				} else {
 					args = append(args, "--no-seccomp")
 				}
 				cmd := exec.Command(bin, args...)
-				cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+				var out bytes.Buffer
+				cmd.Stdout = &out
 				if err := cmd.Start(); err != nil {
 					b.Fatal(err)
+				}
+				pid := cmd.Process.Pid
+				var sup *vmmapi.Supervised
+				if mode == "jailed" {
+					if err := cmd.Wait(); err != nil {
+						b.Fatalf("launcher: %v", err)
+					}
+					var o struct{ PID int }
+					if err := json.Unmarshal(out.Bytes(), &o); err != nil {
+						b.Fatalf("launcher output %q: %v", out.String(), err)
+					}
+					pid = o.PID
+					c, _ := jail.OpenCgroup(cg)
+					var err error
+					if sup, err = vmmapi.Supervise(pid, c, sock); err != nil {
+						b.Fatal(err)
+					}
+					cmd = nil
+				}
+				kill := func() {
+					if sup != nil {
+						sup.Kill(10 * time.Second)
+					} else {
+						cmd.Process.Kill()
+						cmd.Wait()
+					}
 				}
 				cl := vmmapi.NewClient(sock)
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				if _, err := cl.WaitReady(ctx); err != nil {
-					cmd.Process.Kill()
-					cmd.Wait()
+					kill()
 					cancel()
 					b.Fatal(err)
 				}
 				if _, err := cl.Restore(ctx, vmmapi.RestoreRequest{Dir: base, WaitWord: st.Counter}); err != nil {
-					cmd.Process.Kill()
-					cmd.Wait()
+					kill()
 					cancel()
 					b.Fatal(err)
 				}
-				if mode == "jailed" {
-					if m, err := st.ReadMem(cmd.Process.Pid); err == nil {
-						launcherRSS += m.RSS
-						launcherAnon += m.PSSAnon
-					}
+				if m, err := st.ReadMem(pid); err == nil {
+					pss += m.PSS
 				}
 				cl.Stop(ctx)
-				err := cmd.Wait()
+				var err error
+				if sup != nil {
+					if !sup.WaitFor(20 * time.Second) {
+						err = fmt.Errorf("vmm %d did not exit", pid)
+					} else if e := sup.Exit(); !e.Reaped || e.Code != 0 {
+						err = fmt.Errorf("vmm %d: %s", pid, e)
+					}
+				} else {
+					err = cmd.Wait()
+				}
 				cancel()
 				if err != nil {
 					b.Fatal(err)
 				}
 			}
-			if mode == "jailed" {
-				b.ReportMetric(float64(launcherRSS)/float64(b.N)/1024, "launcher-RSS-KiB")
-				b.ReportMetric(float64(launcherAnon)/float64(b.N)/1024, "launcher-anon-KiB")
-			}
+			b.ReportMetric(float64(pss)/float64(b.N)/1024, "clone-PSS-KiB")
 		})
 	}
 }

@@ -52,21 +52,23 @@ func (e Exit) String() string {
 type Supervised struct {
 	pid  int
 	f    *os.File // the pidfd (non-blocking)
-	cg   *jail.Cgroup
-	done chan struct{}
+	cg     *jail.Cgroup
+	socket string
+	done   chan struct{}
 	exit Exit
 }
 
-// Supervise watches pid. cg (may be nil) is removed once it has exited.
+// Supervise watches pid. cg and socket (either may be empty) are
+// removed once it has exited.
 // The pid must be this process's child (not yet reaped), or a process
 // that cannot have been reaped and recycled yet (checked by the caller
 // through its control socket).
-func Supervise(pid int, cg *jail.Cgroup) (*Supervised, error) {
+func Supervise(pid int, cg *jail.Cgroup, socket string) (*Supervised, error) {
 	fd, err := unix.PidfdOpen(pid, unix.O_NONBLOCK)
 	if err != nil {
 		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
-	s := &Supervised{pid: pid, f: os.NewFile(uintptr(fd), "pidfd:"+fmt.Sprint(pid)), cg: cg, done: make(chan struct{})}
+	s := &Supervised{pid: pid, f: os.NewFile(uintptr(fd), "pidfd:"+fmt.Sprint(pid)), cg: cg, socket: socket, done: make(chan struct{})}
 	rc, err := s.f.SyscallConn()
 	if err != nil {
 		s.f.Close()
@@ -106,6 +108,9 @@ func Supervise(pid int, cg *jail.Cgroup) (*Supervised, error) {
 		s.exit = exit
 		if s.cg != nil {
 			removeCgroup(s.cg)
+		}
+		if s.socket != "" {
+			_ = os.Remove(s.socket)
 		}
 		s.f.Close()
 		close(s.done)
