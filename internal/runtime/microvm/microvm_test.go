@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -456,4 +457,19 @@ func syntheticSnapshot(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return snap
+}
+
+// TestValidID: the hand-written id check accepts exactly what
+// ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ does.
+func TestValidID(t *testing.T) {
+	re := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+	cases := []string{"", "a", "sb-1", "../x", ".x", "a.b_c-d", strings.Repeat("z", 128), strings.Repeat("z", 129), "x y", "é"}
+	for i := 0; i < 256; i++ {
+		cases = append(cases, "x"+string(rune(i)), string(rune(i)))
+	}
+	for _, c := range cases {
+		if got, want := validID(c), re.MatchString(c); got != want {
+			t.Errorf("validID(%q) = %v, want %v", c, got, want)
+		}
+	}
 }

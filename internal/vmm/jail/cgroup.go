@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 )
@@ -33,7 +32,24 @@ type Cgroup struct {
 	Dirs []string
 }
 
-var cgroupName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+// validName: 1-128 of [A-Za-z0-9_.-], starting with a letter or digit.
+// (A hand-written check: the equivalent regexp with {0,127} keeps ~100
+// KiB of compiled program alive in every VMM process.)
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		case i > 0 && (c == '_' || c == '.' || c == '-'):
+		default:
+			return false
+		}
+	}
+	return true
+}
 
 // selfPaths returns this process's cgroup path per v1 controller and the
 // v2 path (key "").
@@ -88,7 +104,7 @@ func CgroupsAvailable() error {
 
 // CreateCgroup makes the cgroup and applies limits.
 func CreateCgroup(name string, l Limits) (*Cgroup, error) {
-	if !cgroupName.MatchString(name) {
+	if !validName(name) {
 		return nil, fmt.Errorf("cgroup name %q: use letters, digits, '_', '.', '-'", name)
 	}
 	paths, err := selfPaths()
@@ -160,7 +176,7 @@ func CreateCgroup(name string, l Limits) (*Cgroup, error) {
 // without creating anything: a supervisor removes it once the VMM that a
 // (now gone) launcher put there has exited.
 func OpenCgroup(name string) (*Cgroup, error) {
-	if !cgroupName.MatchString(name) {
+	if !validName(name) {
 		return nil, fmt.Errorf("cgroup name %q: use letters, digits, '_', '.', '-'", name)
 	}
 	paths, err := selfPaths()

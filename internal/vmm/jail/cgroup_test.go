@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -55,5 +56,21 @@ func TestCgroupLifecycle(t *testing.T) {
 	}
 	if _, err := CreateCgroup("../evil", Limits{}); err == nil {
 		t.Fatal("path-escaping name accepted")
+	}
+}
+
+// TestValidName: the hand-written check accepts exactly what
+// ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$ does.
+func TestValidName(t *testing.T) {
+	re := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+	cases := []string{"", "a", "A9", "vmm-restore-123", "mv-0a1b2c3d4e-1-2", ".a", "-a", "_a", "a/b", "a b", "..",
+		"a..", "ä", "a\n", strings.Repeat("a", 128), strings.Repeat("a", 129), "a" + strings.Repeat("-", 127)}
+	for i := 0; i < 256; i++ {
+		cases = append(cases, "x"+string(rune(i)), string(rune(i)))
+	}
+	for _, c := range cases {
+		if got, want := validName(c), re.MatchString(c); got != want {
+			t.Errorf("validName(%q) = %v, want %v", c, got, want)
+		}
 	}
 }

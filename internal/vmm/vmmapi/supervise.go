@@ -50,12 +50,12 @@ func (e Exit) String() string {
 // pidfd (never to a recycled pid), and when it exits it is reaped (if it
 // is this process's child) and its cgroup is removed.
 type Supervised struct {
-	pid  int
-	f    *os.File // the pidfd (non-blocking)
+	pid    int
+	f      *os.File // the pidfd (non-blocking)
 	cg     *jail.Cgroup
 	socket string
 	done   chan struct{}
-	exit Exit
+	exit   Exit
 }
 
 // Supervise watches pid. cg and socket (either may be empty) are
