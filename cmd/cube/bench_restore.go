@@ -138,7 +138,11 @@ func startVMM(dir string, i int, prepare string, jailed bool) (*vmmProc, error) 
 	} else {
 		args = append(args, "--no-seccomp")
 	}
-	c := exec.Command(self, args...)
+	bin := self // jailed: the launcher, which executes vmmBinary
+	if !jailed {
+		bin = vmmBinary("")
+	}
+	c := exec.Command(bin, args...)
 	c.Stderr = os.Stderr
 	if !jailed {
 		c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -267,6 +271,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 	if !jailOK {
 		fmt.Fprintln(out, "jailed row skipped: needs root and cgroups")
 	}
+	fmt.Fprintf(out, "VMM executable (jailed and not): %s\n", vmmBinary(""))
 	var rows []restoreRow
 	ctx := context.Background()
 	for _, c := range concs {

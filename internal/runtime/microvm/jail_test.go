@@ -23,7 +23,8 @@ import (
 	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
 )
 
-// realCube returns $CUBE_BIN/cube or builds cmd/cube into a temp dir.
+// realCube returns $CUBE_BIN/cube or builds cmd/cube (and cmd/cube-vmm
+// beside it) into a temp dir.
 func realCube(t *testing.T) string {
 	t.Helper()
 	if d := os.Getenv("CUBE_BIN"); d != "" {
@@ -34,8 +35,10 @@ func realCube(t *testing.T) string {
 	if _, err := exec.LookPath("go"); err != nil {
 		t.Skip("no cube binary: set CUBE_BIN (no go toolchain to build one)")
 	}
-	out := filepath.Join(t.TempDir(), "cube")
-	if b, err := exec.Command("go", "build", "-o", out, "github.com/cubesandbox/cube/cmd/cube").CombinedOutput(); err != nil {
+	d := t.TempDir()
+	out := filepath.Join(d, "cube")
+	// cube-vmm beside it: the VMM a jailed launcher executes.
+	if b, err := exec.Command("go", "build", "-o", d+"/", "github.com/cubesandbox/cube/cmd/cube", "github.com/cubesandbox/cube/cmd/cube-vmm").CombinedOutput(); err != nil {
 		t.Fatalf("build cube: %v\n%s", err, b)
 	}
 	return out
@@ -127,6 +130,11 @@ func TestPoolJailedVMM(t *testing.T) {
 		t.Fatalf("jail launcher %d still there once its VMM serves: %s", v.launcher, b)
 	}
 	proc := "/proc/" + strconv.Itoa(v.pid)
+	if vb := filepath.Join(filepath.Dir(bin), "cube-vmm"); fileExists(vb) {
+		if exe, _ := os.Readlink(proc + "/exe"); exe != vb {
+			t.Errorf("VMM runs %q, want the VMM-only %s", exe, vb)
+		}
+	}
 	if b, _ := os.ReadFile(proc + "/stat"); !strings.Contains(string(b), ") S "+strconv.Itoa(os.Getpid())+" ") &&
 		!strings.Contains(string(b), ") R "+strconv.Itoa(os.Getpid())+" ") {
 		t.Errorf("VMM not reparented to the runtime (subreaper %d): %s", os.Getpid(), b)

@@ -32,7 +32,7 @@ var (
 )
 
 // cubeBinary returns the cube executable: $CUBE_BIN/cube (make test), or
-// one built once into a world-readable temp dir (the jailed VMM runs it
+// one built once (with cube-vmm beside it) into a world-readable temp dir (the jailed VMM runs it
 // as nobody); TestMain removes it.
 func cubeBinary(t testing.TB) string {
 	t.Helper()
@@ -52,7 +52,8 @@ func cubeBinary(t testing.TB) string {
 		}
 		os.Chmod(d, 0o755)
 		out := filepath.Join(d, "cube")
-		if b, err := exec.Command("go", "build", "-o", out, "github.com/cubesandbox/cube/cmd/cube").CombinedOutput(); err != nil {
+		// cube-vmm beside it: the VMM a jailed launcher executes.
+		if b, err := exec.Command("go", "build", "-o", d+"/", "github.com/cubesandbox/cube/cmd/cube", "github.com/cubesandbox/cube/cmd/cube-vmm").CombinedOutput(); err != nil {
 			cubeError = errors.New(err.Error() + "\n" + string(b))
 			os.RemoveAll(d)
 			return
@@ -176,6 +177,12 @@ func startJailed(t *testing.T, dir string, probe string, extra ...string) *jaile
 	}
 	if st.PID != v.pid || v.pid == v.launcher {
 		t.Fatalf("status pid %d, launcher said %d: want the re-executed VMM, not the launcher %d", st.PID, v.pid, v.launcher)
+	}
+	// The VMM-only binary beside cube is what runs as the VMM.
+	if vb := filepath.Join(filepath.Dir(bin), "cube-vmm"); fileOK(vb) {
+		if exe, _ := os.Readlink("/proc/" + strconv.Itoa(v.pid) + "/exe"); exe != vb {
+			t.Errorf("VMM runs %q, want %s", exe, vb)
+		}
 	}
 	// The launcher is gone (reaped above), the VMM is this process's child.
 	if fileOK("/proc/" + strconv.Itoa(v.launcher)) {
@@ -481,7 +488,11 @@ func BenchmarkPrestartedVMMProcess(b *testing.B) {
 				} else {
 					args = append(args, "--no-seccomp")
 				}
-				cmd := exec.Command(bin, args...)
+				exe := bin // jailed: the launcher, which executes cube-vmm if present
+				if vb := filepath.Join(filepath.Dir(bin), "cube-vmm"); mode == "plain" && fileOK(vb) {
+					exe = vb // the same VMM executable as jailed
+				}
+				cmd := exec.Command(exe, args...)
 				var out bytes.Buffer
 				cmd.Stdout = &out
 				if err := cmd.Start(); err != nil {
