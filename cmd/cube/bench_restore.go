@@ -120,8 +120,8 @@ type vmmProc struct {
 
 // startVMM starts a pre-started VMM; jailed, as the microVM runtime
 // does: `vmm-restore --jail` (namespaces, cgroup, seccomp), whose
-// launcher exits once the VMM serves; this process (child subreaper)
-// supervises the VMM.
+// launcher exits once the VMM serves; the VMM is this process's child
+// (CLONE_PARENT) and supervised here.
 func startVMM(dir string, i int, prepare string, jailed bool) (*vmmProc, error) {
 	self, err := os.Executable()
 	if err != nil {
@@ -265,9 +265,9 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 		st.MemSize>>20, msStr(takeDur), stFI.Size(), float64(memAlloc)/(1<<20))
 
 	// Jailed VMMs (the microVM runtime's default) need root and cgroups;
-	// their launchers exit once the VMM serves, and this process reaps
-	// the VMMs as their subreaper.
-	jailOK := os.Geteuid() == 0 && jail.CgroupsAvailable() == nil && vmmapi.SetSubreaper() == nil
+	// their launchers exit once the VMM serves, and the VMM (created as
+	// this process's child: CLONE_PARENT) is supervised here.
+	jailOK := os.Geteuid() == 0 && jail.CgroupsAvailable() == nil
 	if !jailOK {
 		fmt.Fprintln(out, "jailed row skipped: needs root and cgroups")
 	}

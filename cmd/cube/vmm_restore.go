@@ -5,10 +5,8 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -80,16 +78,15 @@ namespaces and its own cgroup, optionally as --uid/--gid (see docs/vmm.md).`,
 	})
 }
 
-// runRestoreJailed re-executes vmm-restore through vmmapi.Launch (new
-// namespaces, cgroup, fds 3 = control socket, 4 = /dev/kvm, then the
-// cgroup's limit files) and exits as soon as the VMM is in its cgroup
-// and answers on its control socket, printing {"pid","cgroup","socket"}
-// on stdout: the launcher costs no memory for the sandbox's life. The
-// VMM is reparented to the caller's subreaper (the microVM runtime sets
-// PR_SET_CHILD_SUBREAPER and supervises it: vmmapi.Supervise reaps it and
-// removes the cgroup) or to init. If the VMM dies before it serves, the
-// launcher relays its fate (exit code, or 128+signal) and removes the
-// cgroup and socket itself.
+// runRestoreJailed re-executes vmm-restore (or cube-vmm: vmmBinary)
+// through vmmapi.Launch (new namespaces, cgroup, fds 3 = control socket,
+// 4 = /dev/kvm, then the cgroup's limit files; Detach: the VMM is created
+// as a child of this launcher's parent, CLONE_PARENT) and exits as soon
+// as the VMM is in its cgroup and answers on its control socket, printing
+// {"pid","cgroup","socket"} on stdout: the launcher costs no memory for
+// the sandbox's life. Its parent (the microVM runtime) supervises the VMM
+// (vmmapi.Supervise: reaps it, removes the cgroup). If the VMM dies
+// before it serves, the launcher removes the cgroup and socket and fails.
 func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	if fl.sock == "" {
 		return fmt.Errorf("--jail needs --api-socket")
@@ -137,29 +134,18 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 		if err == nil {
 			b, _ := json.Marshal(map[string]any{"pid": p.PID(), "cgroup": name, "socket": fl.sock})
 			os.Stdout.Write(append(b, '\n'))
-			// Exit now: the VMM (not waited for) is reparented.
+			// Exit now: the VMM is our parent's child already.
 			os.Exit(0)
 		}
 		p.Kill()
 		return fmt.Errorf("vmm pid %d did not come up: %w", p.PID(), err)
 	case <-p.Done():
 	case s := <-sig:
-		p.Cmd.Process.Signal(s)
+		p.Signal(s.(syscall.Signal))
 		<-p.Done()
 	}
-	err = p.Wait(context.Background())
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			fmt.Fprintf(os.Stderr, "cube vmm-restore: vmm pid %d killed by signal %d (%s)\n", p.PID(), int(ws.Signal()), ws.Signal())
-			os.Exit(128 + int(ws.Signal()))
-		}
-		os.Exit(ee.ExitCode())
-	}
-	if err == nil {
-		err = fmt.Errorf("vmm pid %d exited before it served", p.PID())
-	}
-	return err
+	// The VMM is our parent's child (CLONE_PARENT): its status goes there.
+	return fmt.Errorf("vmm pid %d exited before it served (see its messages above)", p.PID())
 }
 
 // vmmBinary is what a jailed launcher executes as the VMM: --vmm-bin, or

@@ -14,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/vmm/jail"
@@ -95,13 +98,19 @@ func restoreSynth(t *testing.T, v *vmm, snap, logDir string) {
 // TestPoolJailedVMM runs the runtime's default VMM (the real `cube
 // vmm-restore --jail`): the jail launcher has exited (and was reaped)
 // once the pool holds the VMM, which is in its own namespaces and
-// cgroup, reparented to the runtime (child subreaper); restored through
+// cgroup, created as the runtime's child (CLONE_PARENT: this process is
+// no subreaper here); restored through
 // the runtime's per-request device path it sets the cgroup limits from
 // the VM, runs under its seccomp filter, writes a diff snapshot (as Pause
 // does); stopped, it is reaped and its cgroup removed; a second pooled
 // VMM killed with SIGKILL is reaped and its cgroup removed too.
 func TestPoolJailedVMM(t *testing.T) {
 	needJail(t)
+	// Prove the parentage without a subreaper (another test sets it).
+	var was int
+	unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&was)), 0, 0, 0)
+	unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, uintptr(was), 0, 0, 0)
 	bin := realCube(t)
 	dir := t.TempDir()
 	rt, err := New(Options{Dir: dir, CubeBin: bin, PoolSize: 1, Kernel: kernelPath()})
@@ -137,7 +146,7 @@ func TestPoolJailedVMM(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(proc + "/stat"); !strings.Contains(string(b), ") S "+strconv.Itoa(os.Getpid())+" ") &&
 		!strings.Contains(string(b), ") R "+strconv.Itoa(os.Getpid())+" ") {
-		t.Errorf("VMM not reparented to the runtime (subreaper %d): %s", os.Getpid(), b)
+		t.Errorf("VMM is not the runtime's (%d) child: %s", os.Getpid(), b)
 	}
 	for _, ns := range []string{"mnt", "net", "ipc", "uts"} {
 		mine, _ := os.Readlink("/proc/self/ns/" + ns)

@@ -193,11 +193,6 @@ func New(o Options) (*Runtime, error) {
 	abs, _ := filepath.Abs(o.Dir)
 	h := sha256.Sum256([]byte(abs))
 	r.cgPrefix = "mv-" + hex.EncodeToString(h[:5]) + "-"
-	// A jailed VMM's launcher exits once the VMM serves: the VMM is then
-	// reparented here and reaped by its supervisor.
-	if err := vmmapi.SetSubreaper(); err != nil {
-		r.log.Warn("microvm: cannot become child subreaper; exited VMMs are reaped by init", "err", err)
-	}
 	if o.TemplatesOnly {
 		o.PoolSize = 0
 	} else {
@@ -236,8 +231,8 @@ type vmm struct {
 // startVMM launches `cube vmm-restore --guest linux` in its own session
 // and network namespace (where a slot-less sandbox gets a private tap):
 // jailed by default (`--jail`: the launcher re-executes the VMM in new
-// namespaces and its own cgroup and exits once it serves; the VMM is
-// reparented to this process, the child subreaper), under its seccomp
+// namespaces and its own cgroup, as a child of this process
+// (CLONE_PARENT), and exits once it serves), under its seccomp
 // filter from before the first guest instruction. It does not die with
 // this process: sandboxes outlive a cube restart. v.pid is the VMM
 // itself (as it reports); it is supervised through a pidfd (reaped and
@@ -315,7 +310,7 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 		return nil, errs.Wrap(errs.Unavailable, err, "vmm did not come up (see %s)", logHint)
 	}
 	if v.sup == nil {
-		// Jailed: the VMM, reparented to this process (subreaper).
+		// Jailed: the VMM, created as this process's child (CLONE_PARENT).
 		v.pid = st.PID
 		if v.sup, err = r.supervise(v.pid, cg); err != nil {
 			syscall.Kill(v.pid, syscall.SIGKILL)
@@ -393,8 +388,8 @@ func (r *Runtime) stopVMM(pid int, socket string) {
 	s := r.supervised(pid)
 	if s == nil {
 		// Not watched yet (a previous process's VMM): watch it now, so
-		// that it is reaped if it is our child (reparented to this
-		// subreaper) and signalled through a pidfd.
+		// that it is reaped if it is our child and signalled through a
+		// pidfd.
 		var err error
 		if s, err = r.supervise(pid, nil); err != nil {
 			return // gone already
@@ -1089,8 +1084,8 @@ func (r *Runtime) adopt() {
 				os.RemoveAll(dir)
 				continue
 			}
-			// Watch it (it is init's or an older subreaper's child now):
-			// its exit removes its cgroup.
+			// Watch it (it is init's or a subreaper's child now): its exit
+			// removes its cgroup.
 			var cg *jail.Cgroup
 			if rec.Cgroup != "" {
 				cg, _ = jail.OpenCgroup(rec.Cgroup)

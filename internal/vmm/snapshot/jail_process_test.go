@@ -93,16 +93,16 @@ func (s *syncBuf) String() string {
 type jailedVMM struct {
 	launcher int // the jail launcher (`cube vmm-restore --jail`): exited once the VMM serves
 	cl       *vmmapi.Client
-	pid      int // the VMM itself, reparented to this process (subreaper)
+	pid      int // the VMM itself, this process's child (CLONE_PARENT)
 	sup      *vmmapi.Supervised
 	stderr   *syncBuf
 	cg       string
 }
 
-// startJailed makes this process the child subreaper (as the microVM
-// runtime is), starts `cube vmm-restore --jail` for the synthetic guest
+// startJailed starts `cube vmm-restore --jail` for the synthetic guest
 // with a seccomp probe, checks that the launcher exits 0 once the VMM
-// answers (printing the VMM's pid) and supervises the VMM.
+// answers (printing the VMM's pid), that the VMM is this process's child
+// (CLONE_PARENT, as the microVM runtime gets it) and supervises it.
 func startJailed(t *testing.T, dir string, probe string, extra ...string) *jailedVMM {
 	t.Helper()
 	needKVM(t)
@@ -111,9 +111,6 @@ func startJailed(t *testing.T, dir string, probe string, extra ...string) *jaile
 	}
 	if err := jail.CgroupsAvailable(); err != nil {
 		t.Skipf("no usable cgroups: %v", err)
-	}
-	if err := vmmapi.SetSubreaper(); err != nil {
-		t.Fatal(err)
 	}
 	bin := cubeBinary(t)
 	sock := filepath.Join(dir, "vmm.sock")
@@ -184,12 +181,13 @@ func startJailed(t *testing.T, dir string, probe string, extra ...string) *jaile
 			t.Errorf("VMM runs %q, want %s", exe, vb)
 		}
 	}
-	// The launcher is gone (reaped above), the VMM is this process's child.
+	// The launcher is gone (reaped above), the VMM is this process's child
+	// (no subreaper involved).
 	if fileOK("/proc/" + strconv.Itoa(v.launcher)) {
 		t.Errorf("launcher %d still exists", v.launcher)
 	}
 	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(v.pid) + "/stat"); !strings.Contains(string(b), " "+strconv.Itoa(os.Getpid())+" ") {
-		t.Errorf("VMM not reparented to this subreaper (%d): %s", os.Getpid(), b)
+		t.Errorf("VMM is not this process's (%d) child: %s", os.Getpid(), b)
 	}
 	return v
 }
@@ -383,6 +381,49 @@ func TestJailedRestoreVMM(t *testing.T) {
 	}
 }
 
+// TestJailedRestoreEarlyDeath: a jailed VMM that fails before it serves
+// (an unknown --guest) makes the launcher fail (exit 1, naming the VMM's
+// pid) after removing the cgroup and socket; the VMM is this process's
+// child to reap.
+func TestJailedRestoreEarlyDeath(t *testing.T) {
+	needKVM(t)
+	if os.Geteuid() != 0 || jail.CgroupsAvailable() != nil {
+		t.Skip("needs root and cgroups")
+	}
+	bin := cubeBinary(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "vmm.sock")
+	cg := "test-early-" + strconv.Itoa(os.Getpid())
+	cmd := exec.Command(bin, "vmm-restore", "--jail", "--api-socket", sock, "--cgroup", cg, "--guest", "bogus")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("launcher: %v, want exit 1\n%s", err, stderr.String())
+	}
+	var pid int
+	if i := strings.Index(stderr.String(), "vmm pid "); i >= 0 {
+		fmt.Sscan(stderr.String()[i+len("vmm pid "):], &pid)
+	}
+	if pid <= 0 || !strings.Contains(stderr.String(), "exited before it served") || !strings.Contains(stderr.String(), `--guest "bogus"`) {
+		t.Fatalf("launcher output:\n%s", stderr.String())
+	}
+	var ws syscall.WaitStatus
+	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil || ws.ExitStatus() != 1 {
+		t.Errorf("reap the VMM %d (this process's child): %v, status %v", pid, err, ws)
+	}
+	c, _ := jail.OpenCgroup(cg)
+	for _, d := range c.Dirs {
+		if fileOK(d) {
+			t.Errorf("cgroup %s left", d)
+		}
+	}
+	if fileOK(sock) {
+		t.Error("socket left")
+	}
+}
+
 // TestJailedRestoreKilled: a jailed VMM (launcher gone) killed with
 // SIGKILL is reaped by its supervisor, which removes its cgroup.
 func TestJailedRestoreKilled(t *testing.T) {
@@ -419,7 +460,7 @@ func TestJailedRestoreKilled(t *testing.T) {
 
 // TestJailedRestoreSeccompKills: a jailed vmm-restore that calls execve
 // once its filter is installed is killed with SIGSYS; its supervisor
-// (this process, the subreaper: the launcher is gone) reaps it, sees
+// (this process, its parent: the launcher is gone) reaps it, sees
 // SIGSYS and removes the cgroup.
 func TestJailedRestoreSeccompKills(t *testing.T) {
 	work := t.TempDir()
@@ -457,7 +498,7 @@ func TestJailedRestoreSeccompKills(t *testing.T) {
 // --jail and the seccomp filter, the runtime's default, whose launcher
 // exits once the VMM serves), wait until its socket answers, restore the
 // synthetic snapshot until the guest runs, stop, wait for exit (jailed:
-// reaped by this process, the subreaper, and the cgroup removed).
+// reaped by this process, its parent, and the cgroup removed).
 // Reported beside each other in one run: clone-PSS-KiB is the PSS of
 // every process the clone keeps: the VMM (the jailed launcher has
 // exited before the restore); alone here, it holds the cube binary's
@@ -467,9 +508,6 @@ func BenchmarkPrestartedVMMProcess(b *testing.B) {
 	needKVM(b)
 	if os.Geteuid() != 0 || jail.CgroupsAvailable() != nil {
 		b.Skip("needs root and cgroups")
-	}
-	if err := vmmapi.SetSubreaper(); err != nil {
-		b.Fatal(err)
 	}
 	bin := cubeBinary(b)
 	dir := b.TempDir()

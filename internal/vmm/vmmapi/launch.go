@@ -59,11 +59,15 @@ type LaunchConfig struct {
 	// under /run/netns later. The VMM never mounts (its seccomp filter
 	// kills mount), so nothing propagates back.
 	SharedMounts bool
-	// Detach lets the VMM outlive the launching process (no parent-death
-	// signal): `cube vmm-restore --jail` exits once its VMM serves, and
-	// the VMM is reparented to the launcher's subreaper (the runtime,
-	// which supervises it: Supervise) or init. Until the launcher exits
-	// it still reaps a VMM that dies and removes its cgroup.
+	// Detach makes the VMM a child of the launching process's parent
+	// (CLONE_PARENT), not of the launching process, and gives it no
+	// parent-death signal: `cube vmm-restore --jail` exits once its VMM
+	// serves, and the VMM is already the child of whoever started the
+	// launcher (the microVM runtime, which supervises it: Supervise). No
+	// subreaper is involved, so the runtime inherits no other orphans.
+	// The launcher watches it through a pidfd until it exits: if the VMM
+	// dies first, Done closes and the cgroup and socket are removed, but
+	// its exit status goes to its parent (Wait reports ErrDetachedExit).
 	Detach bool
 }
 
@@ -75,7 +79,13 @@ type Process struct {
 	socket string
 	done   chan struct{}
 	err    error
+	pid    int
+	sup    *Supervised // Detach: the pidfd watch
 }
+
+// ErrDetachedExit is Wait's error when a detached VMM (not the
+// launcher's child) exited: its status went to its parent.
+var ErrDetachedExit = errors.New("the detached VMM exited (its exit status went to its parent)")
 
 // ExitCrashed is the VMM's exit code when its guest crashed.
 const ExitCrashed = 3
@@ -236,11 +246,12 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 	procs := max(2, min(o.VCPUs+1, 8))
 	cmd.Env = append(append(os.Environ(), "GODEBUG=updatemaxprocs=0", "GOMAXPROCS="+strconv.Itoa(procs)), c.Env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if c.Detach {
-		cmd.SysProcAttr.Pdeathsig = 0
-	}
 	if c.Isolate {
 		cmd.SysProcAttr.Cloneflags = unix.CLONE_NEWNS | unix.CLONE_NEWNET | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS
+	}
+	if c.Detach {
+		cmd.SysProcAttr.Pdeathsig = 0
+		cmd.SysProcAttr.Cloneflags |= unix.CLONE_PARENT
 	}
 	if c.UID > 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(c.UID), Gid: uint32(c.GID)}
@@ -248,7 +259,7 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 	if err = cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start vmm: %w", err)
 	}
-	p := &Process{Cmd: cmd, Client: NewClient(c.Socket), cg: cg, socket: c.Socket, done: make(chan struct{})}
+	p := &Process{Cmd: cmd, Client: NewClient(c.Socket), cg: cg, socket: c.Socket, done: make(chan struct{}), pid: cmd.Process.Pid}
 	if cg != nil {
 		// The VMM has not touched guest memory yet: joining now charges
 		// everything that matters to its cgroup.
@@ -260,6 +271,29 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 		if startGate != nil {
 			startGate.Write([]byte{1})
 		}
+	}
+	if c.Detach {
+		// Not our child: watch it through a pidfd (its parent reaps it).
+		sup, serr := Supervise(cmd.Process.Pid, nil, "")
+		cmd.Process.Release()
+		if serr != nil {
+			syscall.Kill(p.pid, syscall.SIGKILL)
+			if cg != nil {
+				cg.Remove()
+			}
+			return nil, serr
+		}
+		p.sup = sup
+		go func() {
+			<-sup.Done()
+			p.err = ErrDetachedExit
+			if p.cg != nil {
+				removeCgroup(p.cg)
+			}
+			_ = os.Remove(p.socket)
+			close(p.done)
+		}()
+		return p, nil
 	}
 	go func() {
 		p.err = cmd.Wait()
@@ -273,7 +307,15 @@ func Launch(ctx context.Context, c LaunchConfig) (_ *Process, err error) {
 }
 
 // PID is the VMM's process id.
-func (p *Process) PID() int { return p.Cmd.Process.Pid }
+func (p *Process) PID() int { return p.pid }
+
+// Signal sends sig to the VMM (through its pidfd when detached).
+func (p *Process) Signal(sig syscall.Signal) error {
+	if p.sup != nil {
+		return p.sup.Signal(sig)
+	}
+	return p.Cmd.Process.Signal(sig)
+}
 
 // Done is closed when the process has exited and been cleaned up.
 func (p *Process) Done() <-chan struct{} { return p.done }
@@ -291,7 +333,7 @@ func (p *Process) Wait(ctx context.Context) error {
 
 // Kill kills the VMM and waits for clean-up.
 func (p *Process) Kill() error {
-	_ = p.Cmd.Process.Signal(syscall.SIGKILL)
+	_ = p.Signal(syscall.SIGKILL)
 	<-p.done
 	return nil
 }

@@ -17,9 +17,11 @@ import (
 )
 
 // SetSubreaper makes this process the child subreaper of its
-// descendants (PR_SET_CHILD_SUBREAPER): a jailed `cube vmm-restore`
-// launcher exits once its VMM serves, and the VMM is then reparented to
-// this process, which reaps it (Supervise) instead of init.
+// descendants (PR_SET_CHILD_SUBREAPER): orphans are reparented to it
+// instead of init. The runtime does not need it (a jailed VMM is created
+// as its child: LaunchConfig.Detach); a test that kills a runtime
+// process uses it to stand in for the service manager that adopts and
+// reaps that runtime's VMMs.
 func SetSubreaper() error {
 	return unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 }
