@@ -122,7 +122,7 @@ type vmmProc struct {
 // does: `vmm-restore --jail` (namespaces, cgroup, seccomp), whose
 // launcher exits once the VMM serves; the VMM is this process's child
 // (CLONE_PARENT) and supervised here.
-func startVMM(dir string, i int, prepare string, jailed bool) (*vmmProc, error) {
+func startVMM(dir string, i int, prepare string, jailed, fullCube bool) (*vmmProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -139,7 +139,7 @@ func startVMM(dir string, i int, prepare string, jailed bool) (*vmmProc, error) 
 		args = append(args, "--no-seccomp")
 	}
 	bin := self // jailed: the launcher, which executes vmmBinary
-	if !jailed {
+	if !jailed && !fullCube {
 		bin = vmmBinary("")
 	}
 	c := exec.Command(bin, args...)
@@ -271,16 +271,20 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 	if !jailOK {
 		fmt.Fprintln(out, "jailed row skipped: needs root and cgroups")
 	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
 	fmt.Fprintf(out, "VMM executable (jailed and not): %s\n", vmmBinary(""))
 	var rows []restoreRow
 	ctx := context.Background()
 	for _, c := range concs {
-		for _, mode := range []string{"prepared", "jailed", "pre-started", "cold"} {
+		for _, mode := range []string{"prepared", "jailed", "cube", "pre-started", "cold"} {
 			row := restoreRow{c: c}
 			procs := make([]*vmmProc, n)
 			prepare := ""
 			jailed := mode == "jailed"
-			if jailed && !jailOK {
+			if jailed && !jailOK || mode == "cube" && vmmBinary("") == self {
 				continue
 			}
 			switch mode {
@@ -290,6 +294,9 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 			case "jailed":
 				row.path = "pre-started jailed VMM (runtime default: --jail, seccomp; launcher exited), restore prepared"
 				prepare = snap
+			case "cube":
+				row.path = "pre-started VMM running the whole cube binary (not cube-vmm), restore prepared"
+				prepare = snap
 			case "pre-started":
 				row.path = "pre-started VMM, not prepared (request -> running)"
 			case "cold":
@@ -297,7 +304,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 			}
 			if mode != "cold" {
 				if err := parallel(n, 4, func(i int) error {
-					p, err := startVMM(work, i, prepare, jailed)
+					p, err := startVMM(work, i, prepare, jailed, mode == "cube")
 					procs[i] = p
 					return err
 				}); err != nil {
@@ -309,7 +316,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 			err := parallel(n, c, func(i int) error {
 				t0 := time.Now()
 				if mode == "cold" {
-					p, err := startVMM(work, i, "", false)
+					p, err := startVMM(work, i, "", false, false)
 					if err != nil {
 						return err
 					}
@@ -330,7 +337,7 @@ func runBenchRestore(out io.Writer, n int, concs []int, crun bool) error {
 				mu.Unlock()
 				return nil
 			})
-			if err == nil && (mode == "prepared" || jailed) {
+			if err == nil && prepare != "" {
 				for _, p := range procs {
 					mm, err := st.ReadMem(p.pid)
 					if err != nil {
