@@ -86,7 +86,9 @@ namespaces and its own cgroup, optionally as --uid/--gid (see docs/vmm.md).`,
 // {"pid","cgroup","socket"} on stdout: the launcher costs no memory for
 // the sandbox's life. Its parent (the microVM runtime) supervises the VMM
 // (vmmapi.Supervise: reaps it, removes the cgroup). If the VMM dies
-// before it serves, the launcher removes the cgroup and socket and fails.
+// before it serves, the launcher removes the cgroup and socket, prints
+// the same line with "error" (the parent still has the VMM to reap) and
+// fails.
 func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	if fl.sock == "" {
 		return fmt.Errorf("--jail needs --api-socket")
@@ -129,23 +131,34 @@ func runRestoreJailed(ctx context.Context, fl restoreFlags) error {
 	defer cancel()
 	ready := make(chan error, 1)
 	go func() { _, err := p.Client.WaitReady(rctx); ready <- err }()
+	// One JSON line on stdout either way: the caller learns the VMM's pid
+	// (its child: CLONE_PARENT) to supervise it, or to reap it.
+	report := func(e error) {
+		m := map[string]any{"pid": p.PID(), "cgroup": name, "socket": fl.sock}
+		if e != nil {
+			m["error"] = e.Error()
+		}
+		b, _ := json.Marshal(m)
+		os.Stdout.Write(append(b, '\n'))
+	}
 	select {
-	case err := <-ready:
+	case err = <-ready:
 		if err == nil {
-			b, _ := json.Marshal(map[string]any{"pid": p.PID(), "cgroup": name, "socket": fl.sock})
-			os.Stdout.Write(append(b, '\n'))
+			report(nil)
 			// Exit now: the VMM is our parent's child already.
 			os.Exit(0)
 		}
 		p.Kill()
-		return fmt.Errorf("vmm pid %d did not come up: %w", p.PID(), err)
+		err = fmt.Errorf("vmm pid %d did not come up: %w", p.PID(), err)
 	case <-p.Done():
+		err = fmt.Errorf("vmm pid %d exited before it served (see its messages above)", p.PID())
 	case s := <-sig:
 		p.Signal(s.(syscall.Signal))
 		<-p.Done()
+		err = fmt.Errorf("vmm pid %d ended by %s before it served", p.PID(), s)
 	}
-	// The VMM is our parent's child (CLONE_PARENT): its status goes there.
-	return fmt.Errorf("vmm pid %d exited before it served (see its messages above)", p.PID())
+	report(err)
+	return err
 }
 
 // vmmBinary is what a jailed launcher executes as the VMM: --vmm-bin, or

@@ -220,6 +220,24 @@ func TestPoolJailedVMM(t *testing.T) {
 	if !gone(v2.pid) || fileExists(memDir2) {
 		t.Fatalf("after kill -9: VMM gone %v, cgroup %s left %v", gone(v2.pid), memDir2, fileExists(memDir2))
 	}
+
+	// A VMM that fails before it serves: a clear error, and the dead VMM
+	// (our child) reaped, its cgroup and the launcher gone.
+	rt.pool.close()
+	_, err = rt.startVMM(filepath.Join(dir, "bad"), "--guest", "bogus")
+	if err == nil || !strings.Contains(err.Error(), "exited before it served") {
+		t.Fatalf("start of a failing jailed VMM: %v", err)
+	}
+	var pid int
+	if i := strings.Index(err.Error(), "vmm pid "); i >= 0 {
+		fmt.Sscan(err.Error()[i+len("vmm pid "):], &pid)
+	}
+	if pid <= 0 || !gone(pid) {
+		t.Errorf("failed VMM %d not reaped (%v)", pid, err)
+	}
+	if left := jail.RemoveStale(rt.cgPrefix); len(left) > 0 {
+		t.Errorf("cgroups left: %v", left)
+	}
 }
 
 // TestJailedCrashAdopt: a runtime process holding jailed VMMs (two

@@ -266,12 +266,25 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 	if r.o.NoJail {
 		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWNET
 	}
-	if err := cmd.Start(); err != nil {
+	// Jailed: the launcher's stdout (one JSON line: the VMM's pid) comes
+	// through a pipe that closes when the launcher exits.
+	var outR, outW *os.File
+	if !r.o.NoJail {
+		if outR, outW, err = os.Pipe(); err != nil {
+			return nil, errs.Wrap(errs.Internal, err, "pipe")
+		}
+		defer outR.Close()
+		cmd.Stdout = outW
+	}
+	err = cmd.Start()
+	if outW != nil {
+		outW.Close()
+	}
+	if err != nil {
 		return nil, errs.Wrap(errs.Internal, err, "start vmm")
 	}
 	logHint := filepath.Join(dir, "vmm.log")
 	v := &vmm{pid: cmd.Process.Pid, launcher: cmd.Process.Pid, socket: sock, cgroup: cgName, cl: vmmapi.NewClient(sock)}
-	var cg *jail.Cgroup
 	if r.o.NoJail {
 		// The VMM is our child: supervise (and reap) it directly.
 		sup, err := r.supervise(v.pid, nil)
@@ -283,8 +296,9 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 		cmd.Process.Release()
 		v.sup = sup
 	} else {
-		// The launcher exits once the VMM is in its cgroup and serves.
-		cg, _ = jail.OpenCgroup(cgName)
+		// The launcher exits once the VMM is in its cgroup and serves; the
+		// VMM is our child (CLONE_PARENT), whatever happened.
+		cg, _ := jail.OpenCgroup(cgName)
 		werr := make(chan error, 1)
 		go func() { werr <- cmd.Wait() }()
 		select {
@@ -293,33 +307,47 @@ func (r *Runtime) startVMM(dir string, extra ...string) (*vmm, error) {
 			cmd.Process.Kill()
 			err = fmt.Errorf("launcher did not finish: %w", <-werr)
 		}
-		if err != nil {
-			r.abandon(sock, cg)
-			return nil, errs.Wrap(errs.Unavailable, err, "jailed vmm did not come up (see %s)", logHint)
+		out, _ := io.ReadAll(io.LimitReader(outR, 64<<10))
+		var rep struct {
+			PID   int    `json:"pid"`
+			Error string `json:"error"`
+		}
+		if line, _, _ := bytes.Cut(out, []byte("\n")); len(line) > 0 {
+			json.Unmarshal(line, &rep)
+		}
+		if rep.PID > 0 {
+			v.pid = rep.PID
+			sup, serr := r.supervise(v.pid, cg)
+			if serr != nil && err == nil {
+				err = serr
+			}
+			v.sup = sup
+		}
+		if err != nil || rep.Error != "" || v.sup == nil {
+			if v.sup != nil {
+				v.kill() // kill (if still there), reap, remove its cgroup
+			} else {
+				r.abandon(sock, cg)
+			}
+			msg := rep.Error
+			if msg == "" && err != nil {
+				msg = err.Error()
+			}
+			if msg == "" {
+				msg = "the launcher reported no vmm pid"
+			}
+			return nil, errs.E(errs.Unavailable, "jailed vmm did not come up: %s (see %s)", msg, logHint)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	st, err := v.cl.WaitReady(ctx)
-	if err != nil {
-		if v.sup != nil {
-			v.kill()
-		} else {
-			r.abandon(sock, cg)
-		}
-		return nil, errs.Wrap(errs.Unavailable, err, "vmm did not come up (see %s)", logHint)
+	if err == nil && st.PID != v.pid {
+		err = fmt.Errorf("vmm at %s reports pid %d, launched %d", sock, st.PID, v.pid)
 	}
-	if v.sup == nil {
-		// Jailed: the VMM, created as this process's child (CLONE_PARENT).
-		v.pid = st.PID
-		if v.sup, err = r.supervise(v.pid, cg); err != nil {
-			syscall.Kill(v.pid, syscall.SIGKILL)
-			waitGone(v.pid, 5*time.Second)
-			if cg != nil {
-				cg.Remove()
-			}
-			return nil, errs.Wrap(errs.Internal, err, "supervise vmm")
-		}
+	if err != nil {
+		v.kill()
+		return nil, errs.Wrap(errs.Unavailable, err, "vmm did not come up (see %s)", logHint)
 	}
 	return v, nil
 }

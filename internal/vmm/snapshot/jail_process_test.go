@@ -382,9 +382,9 @@ func TestJailedRestoreVMM(t *testing.T) {
 }
 
 // TestJailedRestoreEarlyDeath: a jailed VMM that fails before it serves
-// (an unknown --guest) makes the launcher fail (exit 1, naming the VMM's
-// pid) after removing the cgroup and socket; the VMM is this process's
-// child to reap.
+// (an unknown --guest) makes the launcher fail (exit 1, its JSON line
+// naming the VMM's pid and the error) after removing the cgroup and
+// socket; the VMM is this process's child to reap.
 func TestJailedRestoreEarlyDeath(t *testing.T) {
 	needKVM(t)
 	if os.Geteuid() != 0 || jail.CgroupsAvailable() != nil {
@@ -395,19 +395,22 @@ func TestJailedRestoreEarlyDeath(t *testing.T) {
 	sock := filepath.Join(dir, "vmm.sock")
 	cg := "test-early-" + strconv.Itoa(os.Getpid())
 	cmd := exec.Command(bin, "vmm-restore", "--jail", "--api-socket", sock, "--cgroup", cg, "--guest", "bogus")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
 		t.Fatalf("launcher: %v, want exit 1\n%s", err, stderr.String())
 	}
-	var pid int
-	if i := strings.Index(stderr.String(), "vmm pid "); i >= 0 {
-		fmt.Sscan(stderr.String()[i+len("vmm pid "):], &pid)
+	// stdout: the pid (ours to reap) and the error.
+	var rep struct {
+		PID   int
+		Error string
 	}
-	if pid <= 0 || !strings.Contains(stderr.String(), "exited before it served") || !strings.Contains(stderr.String(), `--guest "bogus"`) {
-		t.Fatalf("launcher output:\n%s", stderr.String())
+	json.Unmarshal(stdout.Bytes(), &rep)
+	pid := rep.PID
+	if pid <= 0 || !strings.Contains(rep.Error, "exited before it served") || !strings.Contains(stderr.String(), `--guest "bogus"`) {
+		t.Fatalf("launcher output %q:\n%s", stdout.String(), stderr.String())
 	}
 	var ws syscall.WaitStatus
 	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil || ws.ExitStatus() != 1 {
