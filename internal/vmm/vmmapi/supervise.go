@@ -67,6 +67,11 @@ type Supervised struct {
 // through its control socket).
 func Supervise(pid int, cg *jail.Cgroup, socket string) (*Supervised, error) {
 	fd, err := unix.PidfdOpen(pid, unix.O_NONBLOCK)
+	if errors.Is(err, unix.EINVAL) {
+		// Before Linux 5.10 (no PIDFD_NONBLOCK): a blocking pidfd; the
+		// watch below then falls back to a blocking wait.
+		fd, err = unix.PidfdOpen(pid, 0)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
