@@ -16,6 +16,7 @@ package runtime
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"time"
 )
@@ -117,9 +118,45 @@ type Template struct {
 	// ExtraProbes are further HTTP ports that must answer 2xx on /health
 	// before the snapshot is taken (49999 for code-interpreter).
 	ExtraProbes []int
+	// StartCmd, if set, is the template's start command (argv): the agent
+	// starts it in the background (StartCmdEnv in its environment or in
+	// /init's envVars) and the bake snapshots only once it is ready, so
+	// every sandbox restored from the template has it running already.
+	StartCmd []string
+	// ReadyCmd, if set, is a shell command (/bin/sh -c) the bake runs
+	// through the agent until it exits 0 before the snapshot, at most
+	// ReadyTimeout (default DefaultReadyTimeout). Without one, a start
+	// command must keep running for a short settle (DefaultSettle).
+	ReadyCmd     string
+	ReadyTimeout time.Duration
 	// Progress, if set, is told the bake's steps: "booting", "probing",
-	// "snapshotting".
+	// "ready" (start and ready commands), "snapshotting".
 	Progress func(step string) `json:"-"`
+}
+
+// StartCmdEnv is the variable that hands the agent the start command (a
+// JSON array of strings); the agent removes it from the sandbox's env.
+const StartCmdEnv = "CUBE_START_CMD"
+
+// Defaults of the start command's ready check.
+const (
+	DefaultReadyTimeout = 60 * time.Second
+	DefaultSettle       = time.Second
+)
+
+// AgentEnv is the environment the bake hands the agent: Env plus the start
+// command (StartCmdEnv).
+func (t Template) AgentEnv() map[string]string {
+	env := make(map[string]string, len(t.Env)+1)
+	for k, v := range t.Env {
+		env[k] = v
+	}
+	delete(env, StartCmdEnv)
+	if len(t.StartCmd) > 0 {
+		b, _ := json.Marshal(t.StartCmd)
+		env[StartCmdEnv] = string(b)
+	}
+	return env
 }
 
 // DefaultAgentPath is where templates carry cube-agent.

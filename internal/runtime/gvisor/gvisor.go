@@ -40,6 +40,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/runtime/readycheck"
 )
 
 // Options configure the runtime.
@@ -324,7 +325,9 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return errs.Wrap(errs.Internal, err, "template dir")
 	}
-	bp := bundleParams{RootfsDir: t.RootfsDir, Cmd: cmd, Env: t.Env, Workdir: t.Workdir}
+	// The agent starts the start command from its environment at boot.
+	env := t.AgentEnv()
+	bp := bundleParams{RootfsDir: t.RootfsDir, Cmd: cmd, Env: env, Workdir: t.Workdir}
 	cid := r.newCID()
 	nsName := netnsPrefix + cid
 	fail := func(err error) error {
@@ -372,16 +375,23 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	}
 	// The template's environment and workdir become the agent's defaults
 	// before the snapshot, so every sandbox starts with them.
-	if probePort == runtime.EnvdPort && (len(t.Env) > 0 || t.Workdir != "") {
+	if probePort == runtime.EnvdPort && (len(env) > 0 || t.Workdir != "") {
 		body := map[string]any{}
-		if len(t.Env) > 0 {
-			body["envVars"] = t.Env
+		if len(env) > 0 {
+			body["envVars"] = env
 		}
 		if t.Workdir != "" {
 			body["defaultWorkdir"] = t.Workdir
 		}
 		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body, ""); err != nil {
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: agent init", t.ID))
+		}
+	}
+	// The start command runs and is ready: the snapshot has it running.
+	if len(t.StartCmd) > 0 || t.ReadyCmd != "" {
+		step("ready")
+		if err := readycheck.Wait(ctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, t); err != nil {
+			return fail(errs.Wrap(errs.KindOf(err), err, "template %s", t.ID))
 		}
 	}
 	step("snapshotting")

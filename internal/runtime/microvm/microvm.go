@@ -41,6 +41,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/runtime/readycheck"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
 	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
 	"github.com/cubesandbox/cube/internal/vmm/vmmspec"
@@ -378,9 +379,22 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 			return errs.Wrap(errs.Timeout, err, "template %s: probe port %d (serial log %s)", t.ID, p, o.SerialLog)
 		}
 	}
-	if len(t.Env) > 0 {
-		if err := agentInit(bctx, o.VsockUDS, initBody(t.Env, "")); err != nil {
+	// The template's env, workdir and start command become the agent's
+	// before the snapshot: the agent starts the command on this /init.
+	if env := t.AgentEnv(); len(env) > 0 || t.Workdir != "" {
+		body := initBody(env, "")
+		if t.Workdir != "" {
+			body["defaultWorkdir"] = t.Workdir
+		}
+		if err := agentInit(bctx, o.VsockUDS, body); err != nil {
 			return err
+		}
+	}
+	if len(t.StartCmd) > 0 || t.ReadyCmd != "" {
+		progress("ready")
+		dial := func(ctx context.Context) (net.Conn, error) { return DialVsock(ctx, o.VsockUDS, runtime.EnvdPort) }
+		if err := readycheck.Wait(ctx, dial, t); err != nil {
+			return errs.Wrap(errs.KindOf(err), err, "template %s", t.ID)
 		}
 	}
 	progress("snapshotting")
