@@ -139,6 +139,15 @@ func TestStartCmdTemplate(t *testing.T) {
 	failing(req("start-exits", "echo cannot bind port 8080 >&2; exit 4", "", 0),
 		"exited", "exit status 4", "cannot bind port 8080")
 	failing(req("start-missing", "", "", 0).withStart("/no/such/server"), "failed", "/no/such/server")
+	// Probing the port the start command should serve: its end fails the
+	// probe at once, with its output (not after the bake timeout).
+	t0 := time.Now()
+	probed := req("probe-start-exits", "echo no config >&2; exit 2", "", 0)
+	probed.ProbePort, probed.ProbePath = 8080, "/index.html"
+	failing(probed, "probe :8080", "exit status 2", "no config")
+	if d := time.Since(t0); d > 30*time.Second {
+		t.Fatalf("the probe waited %v for a start command that had exited", d)
+	}
 
 	r, err := b.CreateFromImage(ctx, req("httpd", httpdStart, "wget -q -O /dev/null http://127.0.0.1:8080/index.html", 30*time.Second))
 	if err != nil {

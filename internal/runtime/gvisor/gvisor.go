@@ -368,8 +368,18 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	for _, p := range t.ExtraProbes {
 		probes = append(probes, probe{p, "/health"})
 	}
+	// A start command that ends fails the probes at once (they may wait
+	// on the port it should serve).
+	probeCtx, stopWatch := pctx, context.CancelFunc(func() {})
+	if len(t.StartCmd) > 0 {
+		probeCtx, stopWatch = readycheck.WhileRunning(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) })
+	}
+	defer stopWatch()
 	for _, p := range probes {
-		if err := r.probe(pctx, cid, logPath, dial, p.port, p.path); err != nil {
+		if err := r.probe(probeCtx, cid, logPath, dial, p.port, p.path); err != nil {
+			if ended := readycheck.Ended(probeCtx); ended != nil {
+				err = ended
+			}
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p.port, p.path))
 		}
 	}

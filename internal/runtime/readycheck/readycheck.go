@@ -127,6 +127,39 @@ func Exec(ctx context.Context, dial Dial, argv []string) (ExecResult, error) {
 	return ExecResult{Output: string(out)}, fmt.Errorf("process stream ended without an end event")
 }
 
+// WhileRunning returns a context that ends with ctx, or as soon as the
+// start command is known to have ended: then its context.Cause is an
+// error describing the end (with the command's output). A bake probes the
+// port the start command should serve under it, so that a command that
+// died fails the probe at once and says why.
+func WhileRunning(ctx context.Context, dial Dial) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(pollEvery):
+			}
+			st, err := GetStatus(ctx, dial)
+			if err == nil && (st.State == "failed" || st.State == "exited") {
+				cancel(errs.E(errs.FailedPrecondition, "%s", describe(st)))
+				return
+			}
+		}
+	}()
+	return ctx, func() { cancel(context.Canceled) }
+}
+
+// Ended returns the start command's end that cut ctx (a context from
+// WhileRunning), or nil.
+func Ended(ctx context.Context) error {
+	if c := context.Cause(ctx); c != nil && errs.Is(c, errs.FailedPrecondition) {
+		return c
+	}
+	return nil
+}
+
 // describe is a start command's end for an error message.
 func describe(st Status) string {
 	msg := fmt.Sprintf("the start command %q %s", strings.Join(st.Cmd, " "), st.State)

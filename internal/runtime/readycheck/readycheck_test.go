@@ -142,3 +142,25 @@ func TestOldAgent(t *testing.T) {
 		t.Fatalf("%v", err)
 	}
 }
+
+// WhileRunning ends its context when the start command ends, with the
+// reason as the cause.
+func TestWhileRunning(t *testing.T) {
+	s, dial := agent(t)
+	start(t, s, sh("echo going away; sleep 0.3; exit 5"))
+	ctx, stop := WhileRunning(context.Background(), dial)
+	defer stop()
+	select {
+	case <-ctx.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("context not ended by the exit")
+	}
+	if err := Ended(ctx); err == nil || !strings.Contains(err.Error(), "going away") || !strings.Contains(err.Error(), "exit status 5") {
+		t.Fatalf("cause: %v", err)
+	}
+	ctx2, stop2 := WhileRunning(context.Background(), dial)
+	stop2()
+	if Ended(ctx2) != nil {
+		t.Fatal("a stopped watch reports an end")
+	}
+}
