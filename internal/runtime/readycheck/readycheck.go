@@ -8,7 +8,7 @@
 //
 // E2B's ready helpers are ready commands here:
 //
-//	waitForPort(8080)        -> ss -ltn | grep -q ':8080 '   (or: nc -z 127.0.0.1 8080)
+//	waitForPort(8080)        -> ss -ltn | grep -q ':8080 '   (or, with netcat-openbsd: nc -z 127.0.0.1 8080)
 //	waitForURL(url, 200)     -> curl -sf -o /dev/null URL    (or: wget -q -O /dev/null URL)
 //	waitForProcess("nginx")  -> pgrep nginx
 //	waitForFile("/tmp/ok")   -> test -e /tmp/ok
