@@ -6,6 +6,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -34,7 +35,7 @@ import (
 
 // privateAgent builds this tree's cube-agent into the test's own dir (the
 // shared test-agent path may be rebuilt by another tree's tests meanwhile).
-func privateAgent(t *testing.T) string {
+func privateAgent(t testing.TB) string {
 	t.Helper()
 	mod, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
@@ -52,7 +53,7 @@ func privateAgent(t *testing.T) string {
 
 // busyboxImage is an image of the host's static busybox (httpd, wget, sh)
 // and a web root, written as a docker tarball.
-func busyboxImage(t *testing.T) string {
+func busyboxImage(t testing.TB) string {
 	t.Helper()
 	if _, err := os.Stat("/bin/busybox"); err != nil {
 		t.Skip("no static busybox (busybox-static, installed by make deps)")
@@ -214,3 +215,82 @@ func TestStartCmdTemplate(t *testing.T) {
 }
 
 func (r ImageRequest) withStart(argv ...string) ImageRequest { r.StartCmd = argv; return r }
+
+// BenchmarkStartCmdCreate: time from Create to the first HTTP answer of
+// the template's server, for a template baked with the server as its start
+// command (a restore with it running), against its peer in the same run: a
+// plain template where the same command is started after the restore (exec
+// through the agent, then polled until it answers). Interleaved. The
+// server is busybox httpd after a warm-up (0 s, 1 s: a server that loads
+// before it listens).
+func BenchmarkStartCmdCreate(b *testing.B) {
+	bl, rt := newBuilder(b)
+	bl.AgentPath = privateAgent(b)
+	img := busyboxImage(b)
+	ctx := context.Background()
+	build := func(r ImageRequest) {
+		if _, err := bl.CreateFromImage(ctx, r); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { bl.Delete(context.Background(), r.TemplateID) })
+	}
+	build(ImageRequest{TemplateID: "bench-plain", Source: ImageSource{Ref: img}, DiskMB: 64, MemoryMB: 128})
+	get := func(id string) error {
+		hc := &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return rt.Dial(ctx, id, 8080) }, DisableKeepAlives: true,
+		}, Timeout: 5 * time.Second}
+		resp, err := hc.Get("http://sandbox/index.html")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("HTTP %d", resp.StatusCode)
+		}
+		return nil
+	}
+	for _, warmup := range []int{0, 1} {
+		server := fmt.Sprintf("sleep %d; exec httpd -f -p 8080 -h /www", warmup)
+		tpl := fmt.Sprintf("bench-start-%d", warmup)
+		build(ImageRequest{TemplateID: tpl, Source: ImageSource{Ref: img}, DiskMB: 64, MemoryMB: 128,
+			StartCmd: []string{"/bin/sh", "-c", server}, ReadyCmd: "wget -q -O /dev/null http://127.0.0.1:8080/index.html"})
+		b.Run(fmt.Sprintf("warmup=%ds", warmup), func(b *testing.B) {
+			var withStart, startAfter time.Duration
+			for i := 0; i < b.N; i++ {
+				id := fmt.Sprintf("bench-s-%d", i)
+				t0 := time.Now()
+				if _, err := rt.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: tpl}); err != nil {
+					b.Fatal(err)
+				}
+				if err := get(id); err != nil {
+					b.Fatalf("server of the start command: %v", err)
+				}
+				withStart += time.Since(t0)
+				rt.Destroy(ctx, id)
+
+				id = fmt.Sprintf("bench-p-%d", i)
+				t0 = time.Now()
+				if _, err := rt.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: "bench-plain"}); err != nil {
+					b.Fatal(err)
+				}
+				if res, err := conformance.Exec(ctx, rt, id, "("+server+") >/dev/null 2>&1 &"); err != nil || res.ExitCode != 0 {
+					b.Fatalf("start httpd: %+v %v", res, err)
+				}
+				deadline := time.Now().Add(20 * time.Second)
+				for get(id) != nil {
+					if time.Now().After(deadline) {
+						b.Fatal("httpd started after the restore never answered")
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+				startAfter += time.Since(t0)
+				rt.Destroy(ctx, id)
+			}
+			n := float64(b.N)
+			b.ReportMetric(float64(withStart.Milliseconds())/n, "ms-restore-running")
+			b.ReportMetric(float64(startAfter.Milliseconds())/n, "ms-restore+start")
+			b.ReportMetric(float64(withStart)/float64(startAfter), "ratio")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}

@@ -93,7 +93,7 @@ func (s *Server) Init(req InitRequest) error {
 	if v, ok := req.EnvVars[StartCmdEnv]; ok {
 		req.EnvVars = maps.Clone(req.EnvVars)
 		delete(req.EnvVars, StartCmdEnv)
-		if s.StartState().State == StartNone {
+		if s.startState() == StartNone {
 			argv, err := ParseStartCmd(v)
 			if err != nil {
 				return err

@@ -234,6 +234,13 @@ func (s *Server) StartState() StartStatus {
 	return st
 }
 
+// startState is StartStatus.State alone.
+func (s *Server) startState() string {
+	s.startCmd.mu.Lock()
+	defer s.startCmd.mu.Unlock()
+	return s.startCmd.st.State
+}
+
 // startExited is closed when the start command ended (nil if none was
 // started).
 func (s *Server) startExited() <-chan struct{} {
