@@ -93,7 +93,7 @@ type ExecResult struct {
 // Exec runs argv through the agent (process.Process/Start, the default
 // user, no stdin) until it ends or ctx does (the agent kills it then).
 func Exec(ctx context.Context, dial Dial, argv []string) (ExecResult, error) {
-	pc := processconnect.NewProcessClient(client(dial), "http://sandbox")
+	pc := processconnect.NewProcessClient(client(dial), "http://sandbox", connect.WithReadMaxBytes(1<<20))
 	no := false
 	st, err := pc.Start(ctx, connect.NewRequest(&pb.StartRequest{
 		Process: &pb.ProcessConfig{Cmd: argv[0], Args: argv[1:]}, Stdin: &no,
@@ -162,9 +162,9 @@ func Ended(ctx context.Context) error {
 
 // describe is a start command's end for an error message.
 func describe(st Status) string {
-	msg := fmt.Sprintf("the start command %q %s", strings.Join(st.Cmd, " "), st.State)
+	msg := fmt.Sprintf("the start command %q %s", tail(strings.Join(st.Cmd, " "), 1), st.State)
 	if st.Error != "" {
-		msg += " (" + st.Error + ")"
+		msg += " (" + tail(st.Error, 3) + ")"
 	}
 	if l := tail(st.Log, 10); l != "" {
 		msg += "; its output: " + l
@@ -174,13 +174,22 @@ func describe(st Status) string {
 	return msg
 }
 
+// maxTail bounds what an error message quotes of the sandbox's output
+// (which the guest controls).
+const maxTail = 2 << 10
+
+// tail is the last n lines of s, at most maxTail bytes of them.
 func tail(s string, n int) string {
 	s = strings.TrimSpace(s)
 	lines := strings.Split(s, "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
-	return strings.Join(lines, "\n")
+	out := strings.Join(lines, "\n")
+	if len(out) > maxTail {
+		out = "…" + strings.ToValidUTF8(out[len(out)-maxTail:], "")
+	}
+	return out
 }
 
 // Wait returns once t's start command runs and is ready (its ready

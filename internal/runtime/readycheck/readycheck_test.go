@@ -164,3 +164,25 @@ func TestWhileRunning(t *testing.T) {
 		t.Fatal("a stopped watch reports an end")
 	}
 }
+
+// FuzzStatus: whatever the guest answers to GET /start is read safely and
+// quoted in bounded error messages.
+func FuzzStatus(f *testing.F) {
+	f.Add([]byte(`{"cmd":["/bin/sh","-c","x"],"state":"exited","exitCode":3,"error":"exit status 3","log":"boom\n"}`))
+	f.Add([]byte(`{"state":"failed","error":"` + strings.Repeat("e", 5000) + `","log":"` + strings.Repeat("l\\n", 3000) + `"}`))
+	f.Add([]byte(`{"state":"running","pid":-1}`))
+	f.Add([]byte(`not json`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(body) }))
+		defer ts.Close()
+		addr := strings.TrimPrefix(ts.URL, "http://")
+		dial := func(ctx context.Context) (net.Conn, error) { var d net.Dialer; return d.DialContext(ctx, "tcp", addr) }
+		st, err := GetStatus(context.Background(), dial)
+		if err != nil {
+			return
+		}
+		if msg := describe(st); len(msg) > 4*maxTail+200 {
+			t.Fatalf("message of %d bytes", len(msg))
+		}
+	})
+}
