@@ -151,8 +151,8 @@ func (s *Server) StartCommand(argv []string, env map[string]string, dir string) 
 	sc.st = StartStatus{Cmd: append([]string(nil), argv...), StartedAt: time.Now().UTC()}
 	fail := func(err error) error {
 		sc.st.State, sc.st.Error, sc.st.EndedAt = StartFailed, err.Error(), time.Now().UTC()
-		close(sc.exited)
 		s.log.Error("start command cannot be started", "cmd", argv, "err", err)
+		close(sc.exited)
 		return err
 	}
 	if len(argv) == 0 || argv[0] == "" {
@@ -213,10 +213,10 @@ func (s *Server) superviseStart(p *proc, sub *subscriber) {
 			sc.mu.Lock()
 			sc.st.State, sc.st.ExitCode, sc.st.EndedAt = StartExited, e.End.GetExitCode(), time.Now().UTC()
 			sc.st.Error = e.End.GetStatus()
-			tail := lastLines(sc.log.String(), 10)
-			close(sc.exited)
+			tail, exited := lastLines(sc.log.String(), 10), sc.exited
 			sc.mu.Unlock()
 			s.log.Error("start command exited", "cmd", p.cfg.Cmd, "pid", p.pid, "status", e.End.GetStatus(), "exitCode", e.End.GetExitCode(), "log", tail)
+			close(exited)
 			return
 		}
 	}

@@ -6,8 +6,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -139,7 +141,8 @@ func TestStartCommandOnceFromInit(t *testing.T) {
 
 // A start command that exits is reported with its exit code and output.
 func TestStartCommandExit(t *testing.T) {
-	e := newTestEnv(t, Options{})
+	var logBuf syncBuffer
+	e := newTestEnv(t, Options{Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
 	if err := e.srv.StartCommand([]string{"/bin/sh", "-c", "echo boom; exit 3"}, map[string]string{"A": "b"}, ""); err != nil {
 		t.Fatal(err)
 	}
@@ -147,6 +150,9 @@ func TestStartCommandExit(t *testing.T) {
 	st := e.startStatus(t)
 	if st.State != StartExited || st.ExitCode != 3 || !strings.Contains(st.Log, "boom") || st.Error != "exit status 3" {
 		t.Fatalf("status: %+v", st)
+	}
+	if l := logBuf.String(); !strings.Contains(l, "level=ERROR") || !strings.Contains(l, `msg="start command exited"`) || !strings.Contains(l, "exitCode=3") || !strings.Contains(l, "boom") {
+		t.Fatalf("agent log: %s", l)
 	}
 	// An exited command is not restarted by a later /init either.
 	e.postInit(t, map[string]any{"envVars": map[string]string{StartCmdEnv: startJSON("/bin/sh", "-c", "echo boom; exit 3")}})
@@ -169,6 +175,8 @@ func TestStartCommandBadArgv(t *testing.T) {
 	if st := e.startStatus(t); st.State != StartNone {
 		t.Fatalf("a refused /init changed the state: %+v", st)
 	}
+	var logBuf syncBuffer
+	e.srv.log = slog.New(slog.NewTextHandler(&logBuf, nil))
 	if err := e.srv.StartCommand([]string{"/nonexistent/server", "--port", "1"}, nil, ""); err == nil {
 		t.Fatal("missing binary started")
 	}
@@ -176,6 +184,9 @@ func TestStartCommandBadArgv(t *testing.T) {
 	st := e.startStatus(t)
 	if st.State != StartFailed || !strings.Contains(st.Error, "/nonexistent/server") || st.Pid != 0 {
 		t.Fatalf("status: %+v", st)
+	}
+	if l := logBuf.String(); !strings.Contains(l, "level=ERROR") || !strings.Contains(l, "cannot be started") || !strings.Contains(l, "no such file") {
+		t.Fatalf("agent log: %s", l)
 	}
 
 	e2 := newTestEnv(t, Options{})
@@ -254,4 +265,22 @@ func FuzzParseStartCmd(f *testing.F) {
 			}
 		}
 	})
+}
+
+// syncBuffer is a bytes.Buffer safe for the logger's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
