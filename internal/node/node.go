@@ -48,6 +48,11 @@ type Config struct {
 	ExpiryInterval time.Duration
 	// OpTimeout bounds one runtime operation (create, pause, resume).
 	OpTimeout time.Duration
+	// MetricsInterval is how often running sandboxes are sampled for the
+	// metrics history (default 5 s); MetricsRetention how long samples are
+	// kept (default 1 h).
+	MetricsInterval  time.Duration
+	MetricsRetention time.Duration
 }
 
 // PolicyRuntime is implemented by runtimes that put sandboxes in network
@@ -75,6 +80,9 @@ type Node struct {
 	locks  map[string]*sbLock        // guarded by mu
 	active map[string]bool           // ids holding a slot (guarded by mu)
 
+	mmu     sync.Mutex       // guards history (never held with mu)
+	history map[string]*ring // metrics samples per live sandbox
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
@@ -101,9 +109,15 @@ func New(cfg Config, rt runtime.Runtime, st *store.Store, log *slog.Logger) *Nod
 	if cfg.OpTimeout <= 0 {
 		cfg.OpTimeout = 2 * time.Minute
 	}
+	if cfg.MetricsInterval <= 0 {
+		cfg.MetricsInterval = 5 * time.Second
+	}
+	if cfg.MetricsRetention < cfg.MetricsInterval {
+		cfg.MetricsRetention = time.Hour
+	}
 	n := &Node{cfg: cfg, rt: rt, st: st, log: log.With("component", "node", "node", cfg.ID), now: time.Now,
 		cache: map[string]*store.Sandbox{}, locks: map[string]*sbLock{}, active: map[string]bool{},
-		stop: make(chan struct{})}
+		history: map[string]*ring{}, stop: make(chan struct{})}
 	return n
 }
 
@@ -132,8 +146,9 @@ func (n *Node) Start(ctx context.Context) error {
 		return err
 	}
 	n.st.PutNode(ctx, &store.Node{ID: n.cfg.ID, Address: "local", Runtime: n.rt.Name(), Capacity: n.cfg.Capacity, State: "ready", HeartbeatAt: n.now()})
-	n.wg.Add(1)
+	n.wg.Add(2)
 	go n.expiryLoop()
+	go n.metricsLoop()
 	return nil
 }
 
