@@ -142,7 +142,10 @@ type Runtime interface {
 	// net may differ from the one it was paused on.
 	Resume(ctx context.Context, id string, net NetSlot) (Info, error)
 	// Snapshot takes a snapshot of a running sandbox and lets it continue
-	// (fork). The snapshot can be used as CreateSpec.SnapshotID.
+	// (fork). The snapshot can be used as CreateSpec.SnapshotID. A runtime
+	// may also snapshot a paused sandbox (leaving it paused); one that
+	// cannot answers errs.Conflict and the node resumes, snapshots and
+	// pauses it again.
 	Snapshot(ctx context.Context, id, snapshotID string) (Snapshot, error)
 	// DeleteSnapshot removes a snapshot.
 	DeleteSnapshot(ctx context.Context, snapshotID string) error

@@ -436,3 +436,69 @@ func TestRealNetworkSlots(t *testing.T) {
 	rt.Close()
 	noLeaks(t, rt)
 }
+
+// TestSnapshotOfPaused: a paused sandbox's snapshot is its pause
+// checkpoint; the sandbox stays paused and resumable, the snapshot
+// restores the files written before the pause and outlives the next pause
+// and the sandbox itself.
+func TestSnapshotOfPaused(t *testing.T) {
+	rt := newRuntime(t, 0)
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	sh := func(id, script string) string {
+		t.Helper()
+		res, err := conformance.Exec(ctx, rt, id, script)
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("%s: %q: %+v %v", id, script, res, err)
+		}
+		return strings.TrimSpace(res.Stdout)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "orig", TemplateID: tid}); err != nil {
+		t.Fatal(err)
+	}
+	sh("orig", "echo before-pause > /tmp/marker")
+	if err := rt.Pause(ctx, "orig"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Snapshot(ctx, "orig", "snap-paused"); err != nil {
+		t.Fatalf("snapshot of paused: %v", err)
+	}
+	if _, err := rt.Snapshot(ctx, "orig", "snap-paused"); !errs.Is(err, errs.AlreadyExists) {
+		t.Fatalf("same snapshot id again: %v", err)
+	}
+	if l, _ := rt.List(ctx); len(l) != 1 || l[0].State != runtime.StatePaused {
+		t.Fatalf("after snapshot: %+v", l)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "child", SnapshotID: "snap-paused"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := sh("child", "cat /tmp/marker"); got != "before-pause" {
+		t.Fatalf("child sees %q", got)
+	}
+	if _, err := rt.Resume(ctx, "orig", runtime.NetSlot{}); err != nil {
+		t.Fatalf("resume after snapshot: %v", err)
+	}
+	if got := sh("orig", "cat /tmp/marker && echo after > /tmp/marker"); got != "before-pause" {
+		t.Fatalf("original sees %q", got)
+	}
+	// The next pause replaces the checkpoint; the snapshot is unaffected.
+	if err := rt.Pause(ctx, "orig"); err != nil {
+		t.Fatal(err)
+	}
+	if err := rt.Destroy(ctx, "orig"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "child2", SnapshotID: "snap-paused"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := sh("child2", "cat /tmp/marker"); got != "before-pause" {
+		t.Fatalf("second child sees %q", got)
+	}
+	for _, id := range []string{"child", "child2"} {
+		rt.Destroy(ctx, id)
+	}
+	if err := rt.DeleteSnapshot(ctx, "snap-paused"); err != nil {
+		t.Fatal(err)
+	}
+	noLeaks(t, rt)
+}
