@@ -140,10 +140,14 @@ func (n *Node) Free() int {
 	return n.cfg.Capacity - len(n.active)
 }
 
-// Start reconciles the store with the runtime and starts the expiry loop.
+// Start reconciles the store with the runtime, sweeps leftover snapshots
+// (SweepSnapshots) and starts the expiry and metrics loops.
 func (n *Node) Start(ctx context.Context) error {
 	if err := n.Reconcile(ctx); err != nil {
 		return err
+	}
+	if _, err := n.SweepSnapshots(ctx); err != nil {
+		n.log.Warn("sweep of leftover snapshots failed", "err", err)
 	}
 	n.st.PutNode(ctx, &store.Node{ID: n.cfg.ID, Address: "local", Runtime: n.rt.Name(), Capacity: n.cfg.Capacity, State: "ready", HeartbeatAt: n.now()})
 	n.wg.Add(2)

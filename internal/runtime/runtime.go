@@ -162,6 +162,23 @@ type Runtime interface {
 	Close() error
 }
 
+// SnapshotLister is implemented by runtimes that can list the snapshots
+// they keep, so that a node can remove what a crash left behind (the
+// temporary snapshot of an interrupted fork, a snapshot whose record was
+// never written, a half-written or half-deleted one).
+type SnapshotLister interface {
+	ListSnapshots(ctx context.Context) ([]SnapshotEntry, error)
+}
+
+// SnapshotEntry is one snapshot a runtime keeps.
+type SnapshotEntry struct {
+	ID string
+	// Complete is false for a snapshot whose writing or deletion was
+	// interrupted: it cannot be restored and is only fit for deletion
+	// (DeleteSnapshot removes it).
+	Complete bool
+}
+
 // Agent ports inside every sandbox.
 const (
 	EnvdPort            = 49983

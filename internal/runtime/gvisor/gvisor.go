@@ -932,12 +932,46 @@ func copyFile(from, to string) error {
 	return out.Close()
 }
 
-// DeleteSnapshot removes a snapshot.
+// DeleteSnapshot removes a snapshot, also an incomplete one (its
+// meta.json goes first, so an interrupted deletion leaves an incomplete
+// snapshot, never a restorable half).
 func (r *Runtime) DeleteSnapshot(ctx context.Context, snapshotID string) error {
-	if _, err := r.loadSnapshot(snapshotID); err != nil {
-		return err
+	if !idRE.MatchString(snapshotID) {
+		return errs.E(errs.InvalidArgument, "bad snapshot id %q", snapshotID)
 	}
-	return os.RemoveAll(r.snapshotDir(snapshotID))
+	d := r.snapshotDir(snapshotID)
+	if fi, err := os.Stat(d); err != nil || !fi.IsDir() {
+		return errs.E(errs.NotFound, "snapshot %s not found", snapshotID)
+	}
+	if err := os.Remove(filepath.Join(d, "meta.json")); err != nil && !os.IsNotExist(err) {
+		return errs.Wrap(errs.Internal, err, "delete snapshot %s", snapshotID)
+	}
+	if err := os.RemoveAll(d); err != nil {
+		return errs.Wrap(errs.Internal, err, "delete snapshot %s", snapshotID)
+	}
+	return nil
+}
+
+// ListSnapshots implements runtime.SnapshotLister: the directories under
+// snapshots/, complete when their meta.json (written last) reads.
+func (r *Runtime) ListSnapshots(ctx context.Context) ([]runtime.SnapshotEntry, error) {
+	ents, err := os.ReadDir(filepath.Join(r.dir, "snapshots"))
+	if err != nil {
+		if os.IsNotExist(err) {
+			return nil, nil
+		}
+		return nil, errs.Wrap(errs.Internal, err, "list snapshots")
+	}
+	var out []runtime.SnapshotEntry
+	for _, e := range ents {
+		if !e.IsDir() || !idRE.MatchString(e.Name()) {
+			continue
+		}
+		var m snapshotMeta
+		ok := readJSON(filepath.Join(r.snapshotDir(e.Name()), "meta.json"), &m) == nil && m.ID == e.Name()
+		out = append(out, runtime.SnapshotEntry{ID: e.Name(), Complete: ok})
+	}
+	return out, nil
 }
 
 // Destroy stops the sandbox and removes everything it had. Unknown ids

@@ -502,3 +502,43 @@ func TestSnapshotOfPaused(t *testing.T) {
 	}
 	noLeaks(t, rt)
 }
+
+// TestListAndDeleteIncompleteSnapshots: a snapshot directory without its
+// meta.json (a checkpoint interrupted by a crash) is listed incomplete and
+// DeleteSnapshot removes it; a complete one is listed complete.
+func TestListAndDeleteIncompleteSnapshots(t *testing.T) {
+	rt := newRuntime(t, 0)
+	ctx := context.Background()
+	half := rt.snapshotDir("half")
+	if err := os.MkdirAll(filepath.Join(half, "image"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(half, "image", "pages.img"), []byte("partial"), 0o644)
+	full := rt.snapshotDir("full")
+	os.MkdirAll(filepath.Join(full, "image"), 0o755)
+	if err := writeJSON(filepath.Join(full, "meta.json"), snapshotMeta{ID: "full"}); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(rt.dir, "snapshots", "stray-file"), nil, 0o644)
+	l, err := rt.ListSnapshots(ctx)
+	if err != nil || fmt.Sprint(l) != "[{full true} {half false}]" {
+		t.Fatalf("list %v %v", l, err)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "x", SnapshotID: "half"}); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("create from an incomplete snapshot: %v", err)
+	}
+	for _, id := range []string{"half", "full"} {
+		if err := rt.DeleteSnapshot(ctx, id); err != nil {
+			t.Fatalf("delete %s: %v", id, err)
+		}
+	}
+	if err := rt.DeleteSnapshot(ctx, "half"); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("delete again: %v", err)
+	}
+	if err := rt.DeleteSnapshot(ctx, "../x"); !errs.Is(err, errs.InvalidArgument) {
+		t.Fatalf("delete bad id: %v", err)
+	}
+	if l, _ := rt.ListSnapshots(ctx); len(l) != 0 {
+		t.Fatalf("left %v", l)
+	}
+}
