@@ -5,8 +5,10 @@ package gvisor
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -541,4 +543,41 @@ func TestListAndDeleteIncompleteSnapshots(t *testing.T) {
 	if l, _ := rt.ListSnapshots(ctx); len(l) != 0 {
 		t.Fatalf("left %v", l)
 	}
+}
+
+// BenchmarkStats: the cost of one metrics sample of a running sandbox
+// (cgroup reads, what the node's metrics loop does every interval) against
+// the peer, asking the sandbox's agent (envd GET /metrics over Dial, on a
+// kept-alive connection).
+func BenchmarkStats(b *testing.B) {
+	rt := newRuntime(b, 0)
+	tid := bakeBase(b, rt)
+	ctx := context.Background()
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "bench", TemplateID: tid}); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("cgroups", func(b *testing.B) {
+		for range b.N {
+			if _, err := rt.Stats(ctx, "bench"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("agent-http", func(b *testing.B) {
+		c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return rt.Dial(ctx, "bench", runtime.EnvdPort)
+		}}}
+		defer c.CloseIdleConnections()
+		for range b.N {
+			res, err := c.Get("http://sandbox/metrics")
+			if err != nil {
+				b.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if res.StatusCode != 200 {
+				b.Fatalf("agent /metrics: %d", res.StatusCode)
+			}
+		}
+	})
 }
