@@ -22,6 +22,7 @@ import (
 //   - records whose snapshot the runtime does not have.
 // The sandboxes an interrupted fork was creating are the reconciler's
 // (caught mid-create: failed). Runtimes that cannot list their snapshots
+// (also behind a wrapper such as netslot, which answers Unimplemented)
 // are not swept.
 
 // SweepReport says what SweepSnapshots removed.
@@ -40,6 +41,9 @@ func (n *Node) SweepSnapshots(ctx context.Context) (SweepReport, error) {
 		return rep, nil
 	}
 	onDisk, err := sl.ListSnapshots(ctx)
+	if errs.Is(err, errs.Unimplemented) {
+		return rep, nil // a wrapper over a runtime that cannot list them
+	}
 	if err != nil {
 		return rep, err
 	}

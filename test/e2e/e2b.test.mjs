@@ -6,6 +6,7 @@ import { describe, test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { execFileSync } from 'node:child_process'
 import path from 'node:path'
+import fs from 'node:fs'
 import { startServer, require, sleep } from './harness.mjs'
 
 const [major, minor] = process.versions.node.split('.').map(Number)
@@ -264,7 +265,26 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     await pau.files.write('/home/user/state.txt', 'paused state')
     await pau.pause()
     const keep = await run.createSnapshot({ name: 'e2e-crash' })
-    await srv.restart('SIGKILL')
+    // A fork in flight when the server dies: its temporary snapshot (and
+    // a planted half-written one) are swept at the next start.
+    const snapDir = path.join(srv.dataDir, 'gvisor', 'snapshots')
+    const forking = Sandbox.fork(run.sandboxId, { count: 2 }).catch(() => 'interrupted')
+    let temp = []
+    for (let i = 0; i < 1000 && temp.length === 0; i++) {
+      temp = fs.readdirSync(snapDir).filter((d) => d !== keep.snapshotId)
+      if (temp.length === 0) await sleep(10)
+    }
+    assert.ok(temp.length > 0, 'the fork never took its snapshot')
+    let leftover = []
+    await srv.restart('SIGKILL', () => {
+      fs.mkdirSync(path.join(snapDir, 'halfwritten000000000', 'image'), { recursive: true })
+      leftover = fs.readdirSync(snapDir).filter((d) => d !== keep.snapshotId)
+    })
+    await forking
+    assert.ok(leftover.includes('halfwritten000000000'))
+    assert.deepEqual(fs.readdirSync(snapDir), [keep.snapshotId], 'leftover snapshots swept at start')
+    const log = fs.readFileSync(path.join(srv.dataDir, 'server.log'), 'utf8')
+    for (const id of leftover) assert.match(log, new RegExp(`sweep: removed leftover snapshot.*${id}`))
     // Snapshots are in the store and on disk: listed and usable after the crash.
     assert.deepEqual(await Sandbox.listSnapshots({ name: 'e2e-crash' }).nextItems(), [{ snapshotId: keep.snapshotId, names: ['e2e-crash'] }])
     const fromKeep = await Sandbox.create('e2e-crash')
