@@ -179,7 +179,10 @@ type Runtime interface {
 	// net may differ from the one it was paused on.
 	Resume(ctx context.Context, id string, net NetSlot) (Info, error)
 	// Snapshot takes a snapshot of a running sandbox and lets it continue
-	// (fork). The snapshot can be used as CreateSpec.SnapshotID.
+	// (fork). The snapshot can be used as CreateSpec.SnapshotID. A runtime
+	// may also snapshot a paused sandbox (leaving it paused); one that
+	// cannot answers errs.Conflict and the node resumes, snapshots and
+	// pauses it again.
 	Snapshot(ctx context.Context, id, snapshotID string) (Snapshot, error)
 	// DeleteSnapshot removes a snapshot.
 	DeleteSnapshot(ctx context.Context, snapshotID string) error
@@ -194,6 +197,23 @@ type Runtime interface {
 	// Close releases the runtime's resources (pools) but leaves sandboxes
 	// running so that a restarted process can re-adopt them.
 	Close() error
+}
+
+// SnapshotLister is implemented by runtimes that can list the snapshots
+// they keep, so that a node can remove what a crash left behind (the
+// temporary snapshot of an interrupted fork, a snapshot whose record was
+// never written, a half-written or half-deleted one).
+type SnapshotLister interface {
+	ListSnapshots(ctx context.Context) ([]SnapshotEntry, error)
+}
+
+// SnapshotEntry is one snapshot a runtime keeps.
+type SnapshotEntry struct {
+	ID string
+	// Complete is false for a snapshot whose writing or deletion was
+	// interrupted: it cannot be restored and is only fit for deletion
+	// (DeleteSnapshot removes it).
+	Complete bool
 }
 
 // Agent ports inside every sandbox.

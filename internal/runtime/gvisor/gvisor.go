@@ -25,6 +25,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -864,7 +865,9 @@ func (r *Runtime) loadSnapshot(id string) (*snapshotMeta, error) {
 	return &m, nil
 }
 
-// Snapshot checkpoints a running sandbox and lets it continue.
+// Snapshot checkpoints a running sandbox and lets it continue; of a
+// paused sandbox it takes the pause checkpoint (hard links, a copy across
+// file systems), leaving the sandbox paused and resumable.
 func (r *Runtime) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error) {
 	if !idRE.MatchString(snapshotID) {
 		return runtime.Snapshot{}, errs.E(errs.InvalidArgument, "bad snapshot id %q", snapshotID)
@@ -878,15 +881,22 @@ func (r *Runtime) Snapshot(ctx context.Context, id, snapshotID string) (runtime.
 	if s.gone {
 		return runtime.Snapshot{}, errs.E(errs.NotFound, "sandbox %s not found", id)
 	}
-	if s.meta.State != runtime.StateRunning {
-		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %s is %s, not running", id, s.meta.State)
+	if s.meta.State != runtime.StateRunning && s.meta.State != runtime.StatePaused {
+		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %s is %s, not running or paused", id, s.meta.State)
 	}
 	d := r.snapshotDir(snapshotID)
 	if _, err := os.Stat(d); err == nil {
 		return runtime.Snapshot{}, errs.E(errs.AlreadyExists, "snapshot %s already exists", snapshotID)
 	}
 	img := filepath.Join(d, "image")
-	if _, err := r.runsc.run(ctx, s.meta.Source.DiskMB, "checkpoint", "--leave-running", "--image-path", img, s.meta.CID); err != nil {
+	if s.meta.State == runtime.StatePaused {
+		// The pause checkpoint is the snapshot: link its files (restores
+		// only read an image, and the next pause writes a new directory).
+		if err := linkTree(filepath.Join(s.dir, "ckpt"), img); err != nil {
+			os.RemoveAll(d)
+			return runtime.Snapshot{}, errs.Wrap(errs.Internal, err, "snapshot paused sandbox %s", id)
+		}
+	} else if _, err := r.runsc.run(ctx, s.meta.Source.DiskMB, "checkpoint", "--leave-running", "--image-path", img, s.meta.CID); err != nil {
 		os.RemoveAll(d)
 		return runtime.Snapshot{}, errs.Wrap(errs.Internal, err, "snapshot sandbox %s", id)
 	}
@@ -900,12 +910,88 @@ func (r *Runtime) Snapshot(ctx context.Context, id, snapshotID string) (runtime.
 	return runtime.Snapshot{ID: snapshotID, SandboxID: id, TemplateID: sm.TemplateID, CreatedAt: sm.CreatedAt, Dir: d}, nil
 }
 
-// DeleteSnapshot removes a snapshot.
-func (r *Runtime) DeleteSnapshot(ctx context.Context, snapshotID string) error {
-	if _, err := r.loadSnapshot(snapshotID); err != nil {
+// linkTree makes dst a copy of the flat directory src by hard links,
+// copying files that cannot be linked.
+func linkTree(src, dst string) error {
+	ents, err := os.ReadDir(src)
+	if err != nil {
 		return err
 	}
-	return os.RemoveAll(r.snapshotDir(snapshotID))
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			return fmt.Errorf("checkpoint %s: %s is not a regular file", src, e.Name())
+		}
+		from, to := filepath.Join(src, e.Name()), filepath.Join(dst, e.Name())
+		if os.Link(from, to) == nil {
+			continue
+		}
+		if err := copyFile(from, to); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func copyFile(from, to string) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// DeleteSnapshot removes a snapshot, also an incomplete one (its
+// meta.json goes first, so an interrupted deletion leaves an incomplete
+// snapshot, never a restorable half).
+func (r *Runtime) DeleteSnapshot(ctx context.Context, snapshotID string) error {
+	if !idRE.MatchString(snapshotID) {
+		return errs.E(errs.InvalidArgument, "bad snapshot id %q", snapshotID)
+	}
+	d := r.snapshotDir(snapshotID)
+	if fi, err := os.Stat(d); err != nil || !fi.IsDir() {
+		return errs.E(errs.NotFound, "snapshot %s not found", snapshotID)
+	}
+	if err := os.Remove(filepath.Join(d, "meta.json")); err != nil && !os.IsNotExist(err) {
+		return errs.Wrap(errs.Internal, err, "delete snapshot %s", snapshotID)
+	}
+	if err := os.RemoveAll(d); err != nil {
+		return errs.Wrap(errs.Internal, err, "delete snapshot %s", snapshotID)
+	}
+	return nil
+}
+
+// ListSnapshots implements runtime.SnapshotLister: the directories under
+// snapshots/, complete when their meta.json (written last) reads.
+func (r *Runtime) ListSnapshots(ctx context.Context) ([]runtime.SnapshotEntry, error) {
+	ents, err := os.ReadDir(filepath.Join(r.dir, "snapshots"))
+	if err != nil {
+		if os.IsNotExist(err) {
+			return nil, nil
+		}
+		return nil, errs.Wrap(errs.Internal, err, "list snapshots")
+	}
+	var out []runtime.SnapshotEntry
+	for _, e := range ents {
+		if !e.IsDir() || !idRE.MatchString(e.Name()) {
+			continue
+		}
+		var m snapshotMeta
+		ok := readJSON(filepath.Join(r.snapshotDir(e.Name()), "meta.json"), &m) == nil && m.ID == e.Name()
+		out = append(out, runtime.SnapshotEntry{ID: e.Name(), Complete: ok})
+	}
+	return out, nil
 }
 
 // Destroy stops the sandbox and removes everything it had. Unknown ids
