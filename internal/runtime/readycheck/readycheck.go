@@ -50,6 +50,9 @@ type Status struct {
 // are tried again.
 const pollEvery = 200 * time.Millisecond
 
+// shell runs ready commands.
+var shell = "/bin/sh"
+
 // maxOutput bounds the ready command's output kept for an error.
 const maxOutput = 4 << 10
 
@@ -265,7 +268,7 @@ func Wait(ctx context.Context, dial Dial, t runtime.Template) error {
 			}
 		}
 	}
-	argv := []string{"/bin/sh", "-c", t.ReadyCmd}
+	argv := []string{shell, "-c", t.ReadyCmd}
 	var res ExecResult
 	tries := 0
 	for {
@@ -279,6 +282,9 @@ func Wait(ctx context.Context, dial Dial, t runtime.Template) error {
 				return check()
 			}
 			res, last = r, fmt.Errorf("%s", r.Status)
+		} else if connect.CodeOf(err) == connect.CodeInvalidArgument {
+			// The agent cannot run it (no shell in the image): final.
+			return errs.Wrap(errs.FailedPrecondition, err, "ready command %q cannot run", t.ReadyCmd)
 		} else {
 			last = err
 		}

@@ -186,3 +186,17 @@ func FuzzStatus(f *testing.F) {
 		}
 	})
 }
+
+// A ready command the agent cannot run (an image without /bin/sh) fails
+// at once, not at the timeout.
+func TestReadyCannotRun(t *testing.T) {
+	_, dial := agent(t)
+	shell = "/nonexistent/sh"
+	defer func() { shell = "/bin/sh" }()
+	t0 := time.Now()
+	err := Wait(context.Background(), dial, runtime.Template{ReadyCmd: "true", ReadyTimeout: time.Minute})
+	if !errs.Is(err, errs.FailedPrecondition) || !strings.Contains(err.Error(), "cannot run") || !strings.Contains(err.Error(), "/nonexistent/sh") || time.Since(t0) > 30*time.Second {
+		t.Fatalf("%v", err)
+	}
+	t.Log(err)
+}
