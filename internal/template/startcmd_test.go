@@ -60,7 +60,7 @@ func busyboxImage(t testing.TB) string {
 	}
 	es := []entry{hostFile(t, "/bin/busybox", "bin/busybox"),
 		{name: "www/index.html", typ: tar.TypeReg, body: "hello from the start command\n"}}
-	for _, a := range []string{"sh", "httpd", "wget", "sleep", "cat", "echo"} {
+	for _, a := range []string{"sh", "httpd", "wget", "sleep", "cat", "echo", "wc"} {
 		es = append(es, entry{name: "bin/" + a, typ: tar.TypeSymlink, link: "busybox"})
 	}
 	l := mkTar(t, es...)
@@ -208,8 +208,31 @@ func TestStartCmdTemplate(t *testing.T) {
 	if err := rt.Destroy(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Delete(ctx, "httpd"); err != nil {
+
+	// The probe on the start command's port instead of a ready command
+	// (then the 1 s settle): the template's env and workdir still reach
+	// the agent's other processes.
+	probed = req("httpd-probed", httpdStart, "", 0)
+	probed.ProbePort, probed.ProbePath = 8080, "/index.html"
+	if r, err := b.CreateFromImage(ctx, probed); err != nil {
+		t.Fatalf("build: %v (%s)", err, r.Reason)
+	}
+	id = "sbx-httpd-probed"
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: id, TemplateID: "httpd-probed"}); err != nil {
 		t.Fatal(err)
+	}
+	defer rt.Destroy(context.Background(), id)
+	res, err = conformance.Exec(ctx, rt, id, `echo "$(pwd) $GREETING"; wc -l < /tmp/starts; wget -q -O - http://127.0.0.1:8080/index.html`)
+	if err != nil || res.Stdout != "/www hi\n1\nhello from the start command\n" {
+		t.Fatalf("exec: %+v %v", res, err)
+	}
+	if err := rt.Destroy(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	for _, tpl := range []string{"httpd", "httpd-probed"} {
+		if err := b.Delete(ctx, tpl); err != nil {
+			t.Fatal(err)
+		}
 	}
 	noLeaks(t, b, rt)
 }

@@ -385,8 +385,10 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 		}
 	}
 	// The template's environment and workdir become the agent's defaults
-	// before the snapshot, so every sandbox starts with them.
-	if probePort == runtime.EnvdPort && (len(env) > 0 || t.Workdir != "") {
+	// before the snapshot, so every sandbox starts with them (also when the
+	// probe is another port, e.g. the start command's server, as long as
+	// the init is the agent).
+	if (probePort == runtime.EnvdPort || len(t.Cmd) == 0) && (len(env) > 0 || t.Workdir != "") {
 		body := map[string]any{}
 		if len(env) > 0 {
 			body["envVars"] = env
