@@ -351,6 +351,20 @@ func suite(t *testing.T, s *store.Store) {
 		if len(ns) != 1 || ns[0].Capacity != 9 {
 			t.Fatal(ns)
 		}
+		// PutSandbox: insert a record made elsewhere (a cluster node's),
+		// then overwrite it.
+		remote := &store.Sandbox{ID: "remote1", KeyID: "k9", TemplateID: "base", NodeID: "n2", State: store.StateRunning,
+			CPUCount: 1, MemoryMB: 256, DiskMB: 512, EnvdVersion: "0.6.13", StartedAt: time.Now(), EndAt: time.Now().Add(time.Minute)}
+		if err := s.PutSandbox(ctx, remote); err != nil {
+			t.Fatal(err)
+		}
+		remote.State, remote.Reason = store.StateFailed, "node n2 is down"
+		if err := s.PutSandbox(ctx, remote); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := s.GetSandbox(ctx, "remote1"); err != nil || got.State != store.StateFailed || got.NodeID != "n2" || got.Reason != "node n2 is down" {
+			t.Fatalf("put sandbox: %+v %v", got, err)
+		}
 	})
 }
 
