@@ -174,17 +174,26 @@ func runNode(cmd *cobra.Command, cfg config.Config, join, advertise, idFlag stri
 		return err
 	}
 	log = log.With("node", id)
-	rt, err := pickRuntime(ctx, cfg, log)
-	if err != nil {
-		return err
-	}
-	defer rt.Close()
 	// The node's own record of its sandboxes: SQLite in its data dir.
 	st, err := store.Open(ctx, cfg.DataDir, "")
 	if err != nil {
 		return err
 	}
 	defer st.Close()
+	// Refuse a wrong token or URL before the runtime starts.
+	pre, err := cluster.NewAgent(cluster.AgentConfig{ControlURL: join, Token: cfg.ClusterToken, Advertise: adv,
+		Interval: cfg.HeartbeatInterval}, nil, log)
+	if err != nil {
+		return err
+	}
+	if err := pre.Check(ctx); err != nil {
+		return errs.Wrap(errs.KindOf(err), err, "join %s: %s", join, errs.Message(err))
+	}
+	rt, err := pickRuntime(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
 	n := node.New(node.Config{ID: id, Capacity: cfg.MaxSandboxes}, rt, st, log)
 	if err := n.Start(ctx); err != nil {
 		return err

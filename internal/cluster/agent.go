@@ -80,6 +80,42 @@ func (a *Agent) Beat(ctx context.Context) error {
 	return nil
 }
 
+// Check asks the control whether it takes this node's token (GET
+// /cluster/v1/ping), retrying while it is unreachable, until ctx ends: a
+// node with a wrong token fails before it starts its runtime.
+func (a *Agent) Check(ctx context.Context) error {
+	for {
+		err := a.ping(ctx)
+		if err == nil || !errs.Is(err, errs.Unavailable) {
+			return err
+		}
+		a.log.Warn("control unreachable; retrying", "control", a.cfg.ControlURL, "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(a.cfg.Interval):
+		}
+	}
+}
+
+func (a *Agent) ping(ctx context.Context) error {
+	req, err := http.NewRequestWithContext(ctx, "GET", a.cfg.ControlURL+"/cluster/v1/ping", nil)
+	if err != nil {
+		return errs.Wrap(errs.InvalidArgument, err, "control URL %q", a.cfg.ControlURL)
+	}
+	req.Header.Set("Authorization", "Bearer "+a.cfg.Token)
+	res, err := a.http.Do(req)
+	if err != nil {
+		return &errs.Error{Kind: errs.Unavailable, Err: err, Msg: "the control at " + a.cfg.ControlURL + " is unreachable"}
+	}
+	defer res.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+	if res.StatusCode != http.StatusNoContent {
+		return decodeErr(res.StatusCode, body)
+	}
+	return nil
+}
+
 // Register sends the first report, retrying while the control is
 // unreachable, until ctx ends. A refusal (bad token, bad report) is
 // returned at once.

@@ -105,10 +105,12 @@ func NewControl(ctx context.Context, cfg ControlConfig, st *store.Store, m *mast
 // SetClock replaces time.Now (tests).
 func (c *Control) SetClock(now func() time.Time) { c.now = now }
 
-// Handler serves /cluster/v1/ (nodes' heartbeats), token required.
+// Handler serves /cluster/v1/ (nodes' heartbeats; ping, which checks the
+// token), token required.
 func (c *Control) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /cluster/v1/heartbeat", c.heartbeat)
+	mux.HandleFunc("GET /cluster/v1/ping", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	return requireToken(c.cfg.Token, mux)
 }
 
