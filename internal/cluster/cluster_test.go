@@ -21,6 +21,7 @@ import (
 	"github.com/cubesandbox/cube/internal/runtime/runtimetest"
 	"github.com/cubesandbox/cube/internal/server"
 	"github.com/cubesandbox/cube/internal/store"
+	"github.com/cubesandbox/cube/internal/store/storetest"
 )
 
 const token = "test-cluster-token"
@@ -30,15 +31,22 @@ const token = "test-cluster-token"
 type control struct {
 	t    testing.TB
 	cfg  config.Config
+	db   string
 	addr string
 	s    *server.Server
 	hs   *http.Server
 }
 
 func startControl(t testing.TB, dir, addr string) *control {
+	return startControlDB(t, dir, "", addr)
+}
+
+// startControlDB starts a control whose store is dbURL ("" = SQLite in
+// dir).
+func startControlDB(t testing.TB, dir, dbURL, addr string) *control {
 	t.Helper()
 	cfg := config.Default()
-	cfg.DataDir, cfg.Role, cfg.ClusterToken = dir, "control", token
+	cfg.DataDir, cfg.DatabaseURL, cfg.Role, cfg.ClusterToken = dir, dbURL, "control", token
 	cfg.HeartbeatInterval, cfg.NodeDownAfter = 50*time.Millisecond, 400*time.Millisecond
 	s, err := server.NewControl(context.Background(), cfg, logging.Discard())
 	if err != nil {
@@ -59,7 +67,7 @@ func startControl(t testing.TB, dir, addr string) *control {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &control{t: t, cfg: cfg, addr: ln.Addr().String(), s: s, hs: &http.Server{Handler: s.Handler()}}
+	c := &control{t: t, cfg: cfg, db: dbURL, addr: ln.Addr().String(), s: s, hs: &http.Server{Handler: s.Handler()}}
 	go c.hs.Serve(ln)
 	t.Cleanup(c.stop)
 	return c
@@ -86,6 +94,10 @@ type testNode struct {
 }
 
 func startNode(t *testing.T, id string, capacity int, controlURL string) *testNode {
+	return startNodeTB(t, id, capacity, controlURL)
+}
+
+func startNodeTB(t testing.TB, id string, capacity int, controlURL string) *testNode {
 	t.Helper()
 	ctx := context.Background()
 	rt, err := runtimetest.New("")
@@ -173,11 +185,18 @@ func listStates(t *testing.T, cl *client.Client) map[string]string {
 // A control and two nodes on the fake runtime: creates spread over both
 // nodes, proxy and lifecycle calls reach the owning node, a silent node is
 // marked down (its sandboxes are no longer listed or routed, creates go to
-// the other), and a restarted control routes to the nodes at once.
-func TestControlTwoNodes(t *testing.T) {
+// the other), and a restarted control routes to the nodes at once. The
+// control's store is SQLite.
+func TestControlTwoNodes(t *testing.T) { testControlTwoNodes(t, "") }
+
+// TestControlTwoNodesPostgres: the same with the control's store in
+// PostgreSQL (the store of a real cluster).
+func TestControlTwoNodesPostgres(t *testing.T) { testControlTwoNodes(t, storetest.Postgres(t)) }
+
+func testControlTwoNodes(t *testing.T, dbURL string) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	c := startControl(t, dir, "")
+	c := startControlDB(t, dir, dbURL, "")
 	key, _, err := c.s.Store.CreateAPIKey(ctx, "k")
 	if err != nil {
 		t.Fatal(err)
@@ -280,7 +299,7 @@ func TestControlTwoNodes(t *testing.T) {
 	// answer through the proxy, and n1 is up again after its heartbeat.
 	addr := c.addr
 	c.stop()
-	c2 := startControl(t, dir, addr)
+	c2 := startControlDB(t, dir, dbURL, addr)
 	for id, n := range on {
 		if n == "n1" && id != ids[0] && id != victim {
 			if code, body := who(t, c2.url(), id); code != 200 || body != id+":49983" {

@@ -177,6 +177,7 @@ func (r *RemoteNode) Create(ctx context.Context, req node.CreateRequest) (*store
 	r.mu.Unlock()
 	var sb store.Sandbox
 	if err := r.call(ctx, "POST", "/node/v1/sandboxes", req, &sb); err != nil {
+		r.slots(+1)
 		r.c.refresh(r, req.ID) // it may have been recorded failed
 		return nil, err
 	}
@@ -184,21 +185,40 @@ func (r *RemoteNode) Create(ctx context.Context, req node.CreateRequest) (*store
 	return &sb, nil
 }
 
+// slots adjusts the free-slot estimate between heartbeats (which set
+// it to the node's own count).
+func (r *RemoteNode) slots(d int) {
+	r.mu.Lock()
+	r.free = min(r.free+d, r.capacity)
+	r.mu.Unlock()
+}
+
 // Kill forwards a kill.
 func (r *RemoteNode) Kill(ctx context.Context, id string) error {
+	prev, _ := r.Get(id)
 	_, err := r.op(ctx, "DELETE", id, "", nil)
+	if err == nil && prev != nil && prev.State != store.StatePaused {
+		r.slots(+1)
+	}
 	return err
 }
 
 // Pause forwards a pause.
 func (r *RemoteNode) Pause(ctx context.Context, id string) error {
 	_, err := r.op(ctx, "POST", id, "/pause", nil)
+	if err == nil {
+		r.slots(+1)
+	}
 	return err
 }
 
 // Resume forwards a resume.
 func (r *RemoteNode) Resume(ctx context.Context, id string, timeout time.Duration) (*store.Sandbox, error) {
-	return r.op(ctx, "POST", id, "/resume", durationBody{MS: timeout.Milliseconds()})
+	sb, err := r.op(ctx, "POST", id, "/resume", durationBody{MS: timeout.Milliseconds()})
+	if err == nil {
+		r.slots(-1)
+	}
+	return sb, err
 }
 
 // Connect forwards a connect.
