@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cubesandbox/cube/internal/errs"
@@ -28,6 +29,9 @@ type Agent struct {
 	n    *node.Node
 	log  *slog.Logger
 	http *http.Client
+
+	mu     sync.Mutex
+	cursor string // newest event id the control acknowledged (guarded by mu)
 }
 
 // NewAgent returns an Agent for n.
@@ -51,8 +55,15 @@ func (a *Agent) Report(ctx context.Context) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
+	a.mu.Lock()
+	cursor := a.cursor
+	a.mu.Unlock()
+	evs, err := a.n.Store().EventsAfter(ctx, cursor, maxEvents)
+	if err != nil {
+		return nil, err
+	}
 	return &Report{ID: a.n.ID(), Address: a.cfg.Advertise, Runtime: a.n.Runtime().Name(), Capacity: a.n.Capacity(),
-		Free: max(a.n.Free(), 0), Sandboxes: a.n.List(), Templates: ts}, nil
+		Free: max(a.n.Free(), 0), Sandboxes: a.n.List(), Templates: ts, Events: evs}, nil
 }
 
 // Beat sends one report.
@@ -77,6 +88,16 @@ func (a *Agent) Beat(ctx context.Context) error {
 	if res.StatusCode != http.StatusOK {
 		return decodeErr(res.StatusCode, body)
 	}
+	var reply ReportReply
+	json.Unmarshal(body, &reply)
+	a.mu.Lock()
+	if n := len(rep.Events); n > 0 && rep.Events[n-1].ID > a.cursor {
+		a.cursor = rep.Events[n-1].ID
+	}
+	if reply.EventCursor > a.cursor {
+		a.cursor = reply.EventCursor
+	}
+	a.mu.Unlock()
 	return nil
 }
 

@@ -12,7 +12,7 @@
 //	node  --POST /cluster/v1/heartbeat-->  control   (every HeartbeatInterval:
 //	                                                  id, address, capacity,
 //	                                                  free, live sandboxes,
-//	                                                  templates)
+//	                                                  templates, new events)
 //	control --/node/v1/...-------------->  node      (create, kill, pause,
 //	                                                  resume, connect,
 //	                                                  timeouts, network,
@@ -56,12 +56,22 @@ type Report struct {
 	Free      int               `json:"free"`
 	Sandboxes []*store.Sandbox  `json:"sandboxes"` // live ones
 	Templates []*store.Template `json:"templates"`
+	// Events are the node's sandbox events after the last cursor the
+	// control acknowledged (at most maxEvents), oldest first.
+	Events []*store.Event `json:"events,omitempty"`
 }
 
 // ReportReply answers a Report.
 type ReportReply struct {
 	HeartbeatMS int64 `json:"heartbeatMs"`
+	// EventCursor is the id of the newest event of this node the control
+	// has recorded ("" if it does not know): the node ships events after
+	// it next time.
+	EventCursor string `json:"eventCursor,omitempty"`
 }
+
+// maxEvents bounds the events of one report.
+const maxEvents = 500
 
 // wireError is the body of every error answer of both APIs.
 type wireError struct {

@@ -251,6 +251,18 @@ func testControlTwoNodes(t *testing.T, dbURL string) {
 	if code, _ := who(t, c.url(), ids[0]); code == 200 {
 		t.Fatal("a killed sandbox still answers")
 	}
+	// The node's lifecycle events reach the control's logs endpoint.
+	waitFor(t, "the killed sandbox's events in its logs", 5*time.Second, func() bool {
+		req, _ := http.NewRequest("GET", c.url()+"/sandboxes/"+ids[0]+"/logs", nil)
+		req.Header.Set("X-API-Key", key)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		return res.StatusCode == 200 && strings.Contains(string(b), "sandbox running") && strings.Contains(string(b), "sandbox killed")
+	})
 
 	// Expiry on a node reaches the control's store through heartbeats.
 	victim := ids[2]

@@ -168,7 +168,13 @@ func (c *Control) heartbeat(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, ReportReply{HeartbeatMS: c.cfg.Heartbeat.Milliseconds()})
+	cursor := ""
+	if n := c.Nodes()[rep.ID]; n != nil {
+		n.mu.Lock()
+		cursor = n.evCursor
+		n.mu.Unlock()
+	}
+	writeJSON(w, http.StatusOK, ReportReply{HeartbeatMS: c.cfg.Heartbeat.Milliseconds(), EventCursor: cursor})
 }
 
 func validReport(rep *Report) error {
@@ -190,6 +196,14 @@ func validReport(rep *Report) error {
 	for _, t := range rep.Templates {
 		if t == nil || t.ID == "" {
 			return errs.E(errs.InvalidArgument, "a reported template has no id")
+		}
+	}
+	if len(rep.Events) > maxEvents {
+		return errs.E(errs.InvalidArgument, "more than %d events in one report", maxEvents)
+	}
+	for _, e := range rep.Events {
+		if e == nil || e.ID == "" || len(e.ID) > 64 || e.SandboxID == "" {
+			return errs.E(errs.InvalidArgument, "a reported event has no id or sandbox")
 		}
 	}
 	return nil
@@ -226,6 +240,17 @@ func (c *Control) Report(ctx context.Context, rep *Report) error {
 		return err
 	}
 	c.syncTemplates(ctx, rep.Templates)
+	for _, e := range rep.Events {
+		ev := *e
+		if err := c.st.AddEvent(ctx, &ev); err != nil && !errs.Is(err, errs.AlreadyExists) {
+			return err
+		}
+		r.mu.Lock()
+		if e.ID > r.evCursor {
+			r.evCursor = e.ID
+		}
+		r.mu.Unlock()
+	}
 	seen := map[string]bool{}
 	for _, sb := range rep.Sandboxes {
 		seen[sb.ID] = true

@@ -21,6 +21,9 @@ func FuzzHeartbeat(f *testing.F) {
 		`{"id":"n3","address":"127.0.0.1:1","capacity":1,"free":1,"sandboxes":[{"ID":"s","NodeID":"other"}]}`,
 		`{"id":"n4","address":"127.0.0.1:1","capacity":1,"free":0,"sandboxes":[{"ID":"s","NodeID":"n4","State":"running"}],"templates":[{"ID":"t","State":"ready"}]}`,
 		`{"id":"n5","address":"127.0.0.1:1","templates":[{}]}`,
+		`{"id":"n6","address":"127.0.0.1:1","events":[{"ID":"0001","SandboxID":"s","Kind":"transition","To":"running"}]}`,
+		`{"id":"n6","address":"127.0.0.1:1","events":[null]}`,
+		`{"id":"n6","address":"127.0.0.1:1","events":[{"ID":"","SandboxID":"s"}]}`,
 		`[]`, `{`, ``, `{"id":1}`,
 	} {
 		f.Add([]byte(s))

@@ -38,6 +38,8 @@ type RemoteNode struct {
 	// ended holds ids the node ended, with the UpdatedAt of their last
 	// record, so that an older report does not bring them back.
 	ended map[string]time.Time
+	// evCursor is the newest event id of this node recorded.
+	evCursor string
 }
 
 var (
