@@ -227,6 +227,12 @@ func (c *Control) Report(ctx context.Context, rep *Report) error {
 	wasDown := r.down
 	moved := r.addr != "" && r.addr != rep.Address
 	r.addr, r.rt, r.capacity, r.free, r.lastSeen, r.down = rep.Address, rep.Runtime, rep.Capacity, rep.Free, now, false
+	r.ready = map[string]bool{}
+	for _, t := range rep.Templates {
+		if t.State == "ready" {
+			r.ready[t.ID] = true
+		}
+	}
 	r.mu.Unlock()
 	if isNew {
 		c.m.Add(r)

@@ -40,11 +40,23 @@ type RemoteNode struct {
 	ended map[string]time.Time
 	// evCursor is the newest event id of this node recorded.
 	evCursor string
+	// ready holds the ids of the templates the node reported ready; nil
+	// until it reports (a node the control only knows from its store).
+	ready map[string]bool
+}
+
+// HasTemplate reports whether the node has template id ready (true while
+// it has not reported yet).
+func (r *RemoteNode) HasTemplate(id string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ready == nil || r.ready[id]
 }
 
 var (
-	_ master.Node  = (*RemoteNode)(nil)
-	_ master.Upper = (*RemoteNode)(nil)
+	_ master.Node          = (*RemoteNode)(nil)
+	_ master.Upper         = (*RemoteNode)(nil)
+	_ master.TemplateHaver = (*RemoteNode)(nil)
 )
 
 func newRemote(c *Control, id string) *RemoteNode {

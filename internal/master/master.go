@@ -101,6 +101,11 @@ func (m *Master) CreateOn(ctx context.Context, nodeID string, req node.CreateReq
 	return n.Create(ctx, req)
 }
 
+// TemplateHaver is implemented by nodes that know which templates they
+// have ready (cluster nodes report theirs); Create passes over a node
+// without the template. A node without it is taken to have every one.
+type TemplateHaver interface{ HasTemplate(id string) bool }
+
 // Upper is implemented by nodes that can be down (a cluster node that
 // stopped heartbeating). A node without it is always up.
 type Upper interface{ Up() bool }
@@ -161,7 +166,21 @@ func (m *Master) Create(ctx context.Context, req node.CreateRequest) (*store.San
 		return nil, &errs.Error{Kind: errs.Unavailable, Msg: "no node is available", RetryAfter: 10 * time.Second}
 	}
 	var lastErr error
-	for _, n := range Rank(all) {
+	ranked := Rank(all)
+	if req.Template != nil {
+		var with []Node
+		for _, n := range ranked {
+			if th, ok := n.(TemplateHaver); !ok || th.HasTemplate(req.Template.ID) {
+				with = append(with, n)
+			}
+		}
+		if len(with) == 0 && len(ranked) > 0 {
+			return nil, &errs.Error{Kind: errs.Unavailable, RetryAfter: 10 * time.Second,
+				Msg: "no node with a free slot has template " + req.Template.ID + " ready"}
+		}
+		ranked = with
+	}
+	for _, n := range ranked {
 		sb, err := n.Create(ctx, req)
 		if err == nil {
 			return sb, nil

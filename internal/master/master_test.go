@@ -18,7 +18,12 @@ type fakeNode struct {
 	down        bool
 	full        bool // refuse creates as if it filled meanwhile
 	created     []string
+	templates   map[string]bool // nil: every template
 }
+
+type fakeTplNode struct{ *fakeNode }
+
+func (f fakeTplNode) HasTemplate(id string) bool { return f.templates[id] }
 
 func (f *fakeNode) ID() string    { return f.id }
 func (f *fakeNode) Free() int     { return f.capa - f.used }
@@ -114,5 +119,21 @@ func TestCreateNoNodeUp(t *testing.T) {
 	m.Add(up)
 	if sb, err := m.Create(context.Background(), node.CreateRequest{ID: "s"}); err != nil || sb.NodeID != "b" {
 		t.Fatalf("%v %v", sb, err)
+	}
+}
+
+func TestCreateNeedsTemplate(t *testing.T) {
+	a := &fakeNode{id: "a", capa: 4, templates: map[string]bool{"base": true}}
+	b := &fakeNode{id: "b", capa: 8, templates: map[string]bool{"code": true}}
+	m := master.New(nil, fakeTplNode{a}, fakeTplNode{b})
+	base := &store.Template{ID: "base"}
+	for i := 0; i < 2; i++ {
+		sb, err := m.Create(context.Background(), node.CreateRequest{ID: "s", Template: base})
+		if err != nil || sb.NodeID != "a" {
+			t.Fatalf("base went to %v (%v); only a has it", sb, err)
+		}
+	}
+	if _, err := m.Create(context.Background(), node.CreateRequest{ID: "s", Template: &store.Template{ID: "nowhere"}}); !errs.Is(err, errs.Unavailable) {
+		t.Fatalf("a template no node has: %v", err)
 	}
 }
