@@ -173,7 +173,7 @@ func cleanRunsc(runsc, dataDir string) {
 // TestClusterGVisor: a real control (`cube server --role=control`) and
 // two real nodes (`cube node --join`, gVisor, their own data dirs and
 // ports) on loopback. Sandboxes land on both nodes; exec through the
-// control's proxy reaches each; kill; a wrong token is refused (a node
+// control's proxy reaches each; kill (and its events in the logs); a wrong token is refused (a node
 // with it does not start); a node killed with SIGKILL is marked down and
 // its sandbox reported not running (no hanging request); the node comes
 // back with its sandbox; the control restarts and still routes to it.
@@ -278,6 +278,26 @@ func TestClusterGVisor(t *testing.T) {
 		t.Fatalf("n1's record after kill: %q", st)
 	}
 
+	// The node's events of it reach the control's logs endpoint.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		req, _ := http.NewRequest("GET", ctlURL+"/sandboxes/"+byNode["n1"].id+"/logs", nil)
+		req.Header.Set("X-API-Key", key)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode == 200 && strings.Contains(string(b), "sandbox killed") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("logs of the killed sandbox through the control: %d %s", res.StatusCode, b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
 	// The node API refuses calls without the token.
 	res, err := http.Get("http://" + nodes[1].addr + "/node/v1/sandboxes/" + byNode["n2"].id)
 	if err != nil || res.StatusCode != http.StatusUnauthorized {
@@ -289,7 +309,7 @@ func TestClusterGVisor(t *testing.T) {
 	// the proxy answers at once instead of hanging.
 	on2 := byNode["n2"]
 	nodes[1].p.stop(syscall.SIGKILL)
-	deadline := time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(30 * time.Second)
 	for {
 		l, err := cl.List(ctx)
 		if err != nil {

@@ -264,14 +264,19 @@ func testControlTwoNodes(t *testing.T, dbURL string) {
 		return res.StatusCode == 200 && strings.Contains(string(b), "sandbox running") && strings.Contains(string(b), "sandbox killed")
 	})
 
-	// Expiry on a node reaches the control's store through heartbeats.
+	// A timeout set through the API is forwarded; the expiry on the node
+	// reaches the control's store through heartbeats.
 	victim := ids[2]
-	nodeOf := n1
-	if on[victim] == "n2" {
-		nodeOf = n2
-	}
-	if err := nodeOf.n.SetTimeout(ctx, victim, 0); err != nil {
+	req, _ := http.NewRequest("POST", c.url()+"/sandboxes/"+victim+"/timeout", strings.NewReader(`{"timeout":1}`))
+	req.Header.Set("X-API-Key", key)
+	req.Header.Set("Content-Type", "application/json")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
 		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusNoContent {
+		t.Fatalf("set timeout: %d", res.StatusCode)
 	}
 	waitFor(t, "the expired sandbox to leave the list", 5*time.Second, func() bool { return listStates(t, cl)[victim] == "" })
 
