@@ -264,13 +264,40 @@ func testControlTwoNodes(t *testing.T, dbURL string) {
 		return res.StatusCode == 200 && strings.Contains(string(b), "sandbox running") && strings.Contains(string(b), "sandbox killed")
 	})
 
-	// A timeout set through the API is forwarded; the expiry on the node
-	// reaches the control's store through heartbeats.
-	victim := ids[2]
-	req, _ := http.NewRequest("POST", c.url()+"/sandboxes/"+victim+"/timeout", strings.NewReader(`{"timeout":1}`))
+	// A fork snapshots on the parent's node and creates there.
+	req, _ := http.NewRequest("POST", c.url()+"/sandboxes/"+ids[3]+"/fork", strings.NewReader(`{"count":1,"timeout":600}`))
 	req.Header.Set("X-API-Key", key)
 	req.Header.Set("Content-Type", "application/json")
 	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var forks []struct {
+		Sandbox *struct{ SandboxID string } `json:"sandbox"`
+	}
+	json.NewDecoder(res.Body).Decode(&forks)
+	res.Body.Close()
+	if res.StatusCode != http.StatusCreated || len(forks) != 1 || forks[0].Sandbox == nil {
+		t.Fatalf("fork: %d %+v", res.StatusCode, forks)
+	}
+	fork := forks[0].Sandbox.SandboxID
+	if rec, err := c.s.Store.GetSandbox(ctx, fork); err != nil || rec.NodeID != on[ids[3]] {
+		t.Fatalf("fork of a sandbox on %s is on %v (%v)", on[ids[3]], rec, err)
+	}
+	if code, body := who(t, c.url(), fork); code != 200 || body != fork+":49983" {
+		t.Fatalf("proxy to the fork: %d %q", code, body)
+	}
+	if err := cl.Kill(ctx, fork); err != nil {
+		t.Fatal(err)
+	}
+
+	// A timeout set through the API is forwarded; the expiry on the node
+	// reaches the control's store through heartbeats.
+	victim := ids[2]
+	req, _ = http.NewRequest("POST", c.url()+"/sandboxes/"+victim+"/timeout", strings.NewReader(`{"timeout":1}`))
+	req.Header.Set("X-API-Key", key)
+	req.Header.Set("Content-Type", "application/json")
+	res, err = http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
