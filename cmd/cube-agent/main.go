@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -68,6 +69,7 @@ func run() error {
 	}
 	srv := envd.New(envd.Options{Logger: log.With("component", "envd"), DefaultUser: du, ManageClock: isInit})
 	defer srv.Close()
+	startFromEnv(log, srv)
 
 	sigs := []os.Signal{syscall.SIGTERM, syscall.SIGINT}
 	if isInit {
@@ -129,4 +131,35 @@ func run() error {
 	return nil
 }
 
-var _ = slog.LevelInfo
+// startFromEnv starts the template's start command when the agent's own
+// environment names it (the gVisor runtime puts the template's env, with
+// envd.StartCmdEnv, in the container's): with that environment and the
+// agent's cwd (the template's workdir), as the default user. The microVM
+// runtime hands it over in POST /init instead (envd.Server.Init).
+func startFromEnv(log *slog.Logger, srv *envd.Server) {
+	v, ok := os.LookupEnv(envd.StartCmdEnv)
+	if !ok {
+		return
+	}
+	os.Unsetenv(envd.StartCmdEnv)
+	argv, err := envd.ParseStartCmd(v)
+	if err != nil {
+		// Recorded for GET /start, so that the bake reports it.
+		srv.StartCommandFailed(err)
+		return
+	}
+	env := map[string]string{}
+	for _, kv := range os.Environ() {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "HOME", "USER", "LOGNAME", "PWD", "SHLVL", "_":
+			continue
+		}
+		env[k] = v
+	}
+	dir, _ := os.Getwd()
+	if dir == "/" {
+		dir = ""
+	}
+	_ = srv.StartCommand(argv, env, dir)
+}

@@ -259,7 +259,8 @@ func tplCreateFromImageCmd() *cobra.Command {
 		image, id, wsize, probePath, user, pass, jobID string
 		ports, envs                                    []string
 		probe, cpu, mem                                int
-		startCmd                                       string
+		startCmd, readyCmd                             string
+		readyTimeout                                   time.Duration
 		insecure, detach, quiet                        bool
 	)
 	c := &cobra.Command{
@@ -316,6 +317,10 @@ func tplCreateFromImageCmd() *cobra.Command {
 			if startCmd != "" {
 				req.StartCmd = []string{"/bin/sh", "-c", startCmd}
 			}
+			if readyTimeout < 0 {
+				return errs.E(errs.InvalidArgument, "bad --ready-timeout %s", readyTimeout)
+			}
+			req.ReadyCmd, req.ReadyTimeout = readyCmd, readyTimeout
 			if detach {
 				return detachBuild(cmd, req)
 			}
@@ -348,7 +353,9 @@ func tplCreateFromImageCmd() *cobra.Command {
 	f.IntVar(&cpu, "cpu", 2000, "CPU in millicores")
 	f.IntVar(&mem, "memory", 512, "memory in MB")
 	f.StringArrayVar(&envs, "env", nil, "environment K=V (repeatable)")
-	f.StringVar(&startCmd, "cmd", "", "start command (overrides the image's entrypoint and cmd)")
+	f.StringVar(&startCmd, "cmd", "", "start command (sh -c), started by the agent before the snapshot so that every sandbox has it running (the image's entrypoint/cmd are not run)")
+	f.StringVar(&readyCmd, "ready-cmd", "", "ready check (sh -c) run in the sandbox until it exits 0 before the snapshot, e.g. 'wget -q -O /dev/null http://127.0.0.1:8080/' (default: the start command must keep running for 1s)")
+	f.DurationVar(&readyTimeout, "ready-timeout", 0, "how long the ready check may take (default 60s)")
 	f.StringVar(&user, "username", "", "registry user name")
 	f.StringVar(&pass, "password", "", "registry password (or CUBE_REGISTRY_PASSWORD)")
 	f.BoolVar(&insecure, "insecure", false, "plain-HTTP registry")

@@ -28,6 +28,7 @@ import (
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/master"
 	"github.com/cubesandbox/cube/internal/node"
+	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/store"
 )
 
@@ -730,60 +731,92 @@ func (a *API) logsV2(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (a *API) sample(ctx context.Context, n master.Node, id string) (*SandboxMetric, error) {
-	s, err := n.Stats(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	return &SandboxMetric{Timestamp: s.Timestamp.UTC(), TimestampUnix: s.Timestamp.Unix(), CPUCount: s.CPUCount,
+func metricOf(s runtime.Stats) SandboxMetric {
+	return SandboxMetric{Timestamp: s.Timestamp.UTC(), TimestampUnix: s.Timestamp.Unix(), CPUCount: s.CPUCount,
 		CPUUsedPct: math.Round(s.CPUUsedPct*100) / 100, MemUsed: int64(s.MemUsed), MemTotal: int64(s.MemTotal),
-		DiskUsed: int64(s.DiskUsed), DiskTotal: int64(s.DiskTotal)}, nil
+		DiskUsed: int64(s.DiskUsed), DiskTotal: int64(s.DiskTotal)}
 }
 
+// MaxMetricsTime bounds the start and end of a metrics query (the end of
+// year 9999, in Unix seconds).
+const MaxMetricsTime = 253402300799
+
+// ParseMetricsRange reads the optional start and end (Unix seconds) of
+// GET /sandboxes/{id}/metrics; absent they mean the beginning of the
+// history and no upper bound.
+func ParseMetricsRange(q url.Values) (time.Time, time.Time, error) {
+	start, err := queryInt(q, "start", 0, 0, MaxMetricsTime, "start must be a Unix time in seconds (an integer from 0 to 253402300799)")
+	if err != nil {
+		return time.Time{}, time.Time{}, err
+	}
+	end, err := queryInt(q, "end", MaxMetricsTime, 0, MaxMetricsTime, "end must be a Unix time in seconds (an integer from 0 to 253402300799)")
+	if err != nil {
+		return time.Time{}, time.Time{}, err
+	}
+	if start > end {
+		return time.Time{}, time.Time{}, errs.E(errs.InvalidArgument, "start (%d) must not be after end (%d)", start, end)
+	}
+	return time.Unix(start, 0), time.Unix(end, 0), nil
+}
+
+// metricsOne serves GET /sandboxes/{id}/metrics?start=&end=: the samples
+// of the node's metrics history in the range, oldest first (running and
+// paused sandboxes; a paused one gets no new samples).
 func (a *API) metricsOne(w http.ResponseWriter, r *http.Request, key store.APIKey) {
-	id := r.PathValue("id")
-	sb, n, err := a.own(r.Context(), key, id)
+	start, end, err := ParseMetricsRange(r.URL.Query())
 	if err != nil {
 		writeErr(w, r, err)
 		return
 	}
-	for _, p := range []string{"start", "end"} {
-		if _, err := queryInt(r.URL.Query(), p, 0, math.MinInt64, math.MaxInt64, p+" must be a Unix time in seconds"); err != nil {
-			writeErr(w, r, err)
-			return
-		}
+	id := r.PathValue("id")
+	_, n, err := a.own(r.Context(), key, id)
+	if err != nil {
+		writeErr(w, r, err)
+		return
 	}
-	out := []SandboxMetric{}
-	if sb.State == store.StateRunning {
-		m, err := a.sample(r.Context(), n, id)
-		if err != nil && !errs.Is(err, errs.Conflict) && !errs.Is(err, errs.NotFound) {
-			writeErr(w, r, err)
-			return
-		}
-		if m != nil {
-			out = append(out, *m)
-		}
+	ss, err := n.Metrics(r.Context(), id, start, end)
+	if err != nil {
+		writeErr(w, r, err)
+		return
+	}
+	out := make([]SandboxMetric, 0, len(ss))
+	for _, s := range ss {
+		out = append(out, metricOf(s))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
+// MaxMetricsIDs is the most sandbox ids GET /sandboxes/metrics takes.
+const MaxMetricsIDs = 100
+
+// metricsMany serves GET /sandboxes/metrics?sandbox_ids=a,b: the newest
+// sample of each of the key's live sandboxes among the ids (others, and
+// sandboxes without a sample, are left out).
 func (a *API) metricsMany(w http.ResponseWriter, r *http.Request, key store.APIKey) {
-	ids := strings.Split(r.URL.Query().Get("sandbox_ids"), ",")
-	if len(ids) > 100 {
-		writeErr(w, r, errs.E(errs.InvalidArgument, "at most 100 sandbox_ids"))
+	var ids []string
+	for _, v := range r.URL.Query()["sandbox_ids"] {
+		for _, id := range strings.Split(v, ",") {
+			if id = strings.TrimSpace(id); id != "" {
+				ids = append(ids, id)
+			}
+		}
+	}
+	if len(ids) == 0 {
+		writeErr(w, r, errs.E(errs.InvalidArgument, "sandbox_ids is required: a comma-separated list of sandbox ids"))
+		return
+	}
+	if len(ids) > MaxMetricsIDs {
+		writeErr(w, r, errs.E(errs.InvalidArgument, "at most %d sandbox_ids", MaxMetricsIDs))
 		return
 	}
 	out := map[string]SandboxMetric{}
 	for _, id := range ids {
-		if id = strings.TrimSpace(id); id == "" {
+		_, n, err := a.own(r.Context(), key, id)
+		if err != nil {
 			continue
 		}
-		sb, n, err := a.own(r.Context(), key, id)
-		if err != nil || sb.State != store.StateRunning {
-			continue
-		}
-		if m, err := a.sample(r.Context(), n, id); err == nil {
-			out[id] = *m
+		if ss, err := n.Metrics(r.Context(), id, time.Unix(0, 0), time.Unix(MaxMetricsTime, 0)); err == nil && len(ss) > 0 {
+			out[id] = metricOf(ss[len(ss)-1])
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"sandboxes": out})

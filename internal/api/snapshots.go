@@ -16,7 +16,8 @@ import (
 // Snapshots and forks (spec §3.1, e2b 2.51 createSnapshot, listSnapshots,
 // deleteSnapshot, fork):
 //
-//   - A snapshot is taken of a running sandbox, which keeps running. It is
+//   - A snapshot is taken of a running sandbox, which keeps running, or of
+//     a paused one, which stays paused (node.Snapshot). It is
 //     kept by the runtime of the sandbox's node and recorded in the store
 //     (owner key, source sandbox, template, names, node), so it outlives
 //     the sandbox and a restart of cube.
@@ -223,6 +224,10 @@ func (a *API) fork(w http.ResponseWriter, r *http.Request, key store.APIKey) {
 	parent, n, err := a.own(r.Context(), key, r.PathValue("id"))
 	if err != nil {
 		writeErr(w, r, err)
+		return
+	}
+	if parent.State != store.StateRunning {
+		writeErr(w, r, errs.E(errs.Conflict, "sandbox %q is %s, not running: only a running sandbox can be forked", parent.ID, parent.State))
 		return
 	}
 	snapID := NewSandboxID()

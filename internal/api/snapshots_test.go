@@ -182,7 +182,8 @@ func TestSnapshotBadInput(t *testing.T) {
 		{e.key, sb.SandboxID, `{} {}`, 400},
 		{e.key, "nope", `{}`, 404},
 		{e.key2, sb.SandboxID, `{}`, 404},
-		{e.key, paused.SandboxID, `{}`, 409},
+		{e.key2, paused.SandboxID, `{}`, 404},
+		{e.key, paused.SandboxID, `{"name":"bad name"}`, 400},
 		{"", sb.SandboxID, `{}`, 401},
 	} {
 		wantErr(t, e.do("POST", "/sandboxes/"+c.id+"/snapshots", c.key, c.body), c.status)
@@ -431,4 +432,53 @@ func FuzzListSnapshotsQuery(f *testing.F) {
 			t.Fatalf("status %d for %q: %s", w.Code, q, w.Body)
 		}
 	})
+}
+
+// TestSnapshotOfPaused: a paused sandbox can be snapshotted; it stays
+// paused (the fake runtime snapshots only running sandboxes, so the node
+// resumes, snapshots and pauses it again), a create from the snapshot
+// works and the original resumes. A fork of a paused sandbox is still 409.
+func TestSnapshotOfPaused(t *testing.T) {
+	e := newEnv(t)
+	creates := recordSnapshotIDs(e)
+	sb := e.create(e.key, map[string]any{"templateID": "base"})
+	if r := e.do("POST", "/sandboxes/"+sb.SandboxID+"/pause", e.key, nil); r.Status != 204 {
+		t.Fatal(r.Status)
+	}
+	pauses, resumes := e.rt.Calls("Pause"), e.rt.Calls("Resume")
+	sn := e.snapshot(e.key, sb.SandboxID, `{"name":"frompaused"}`)
+	var d struct{ State string }
+	r := e.do("GET", "/sandboxes/"+sb.SandboxID, e.key, nil)
+	r.json(t, &d)
+	if d.State != "paused" {
+		t.Fatalf("after snapshot: %s", r.Body)
+	}
+	if e.rt.Calls("Resume") != resumes+1 || e.rt.Calls("Pause") != pauses+1 {
+		t.Fatalf("fallback: resumes %d->%d, pauses %d->%d", resumes, e.rt.Calls("Resume"), pauses, e.rt.Calls("Pause"))
+	}
+	if e.s.Node.Free() != e.s.Node.Capacity() {
+		t.Fatalf("slot still held after the snapshot: free %d of %d", e.s.Node.Free(), e.s.Node.Capacity())
+	}
+	child := e.create(e.key, map[string]any{"templateID": "frompaused"})
+	if got := creates(); len(got) != 2 || !strings.HasPrefix(got[1], sn.SnapshotID+"/") {
+		t.Fatalf("creates %v", got)
+	}
+	if r := e.do("POST", "/sandboxes/"+sb.SandboxID+"/resume", e.key, `{}`); r.Status != 201 {
+		t.Fatalf("resume original: %d %s", r.Status, r.Body)
+	}
+	for _, id := range []string{sb.SandboxID, child.SandboxID} {
+		r := e.do("GET", "/sandboxes/"+id, e.key, nil)
+		r.json(t, &d)
+		if d.State != "running" {
+			t.Fatalf("%s: %s", id, r.Body)
+		}
+	}
+	if r := e.do("POST", "/sandboxes/"+sb.SandboxID+"/pause", e.key, nil); r.Status != 204 {
+		t.Fatal(r.Status)
+	}
+	before := e.rt.Calls("Snapshot")
+	wantErr(t, e.do("POST", "/sandboxes/"+sb.SandboxID+"/fork", e.key, `{}`), 409)
+	if e.rt.Calls("Snapshot") != before {
+		t.Fatal("a refused fork took a snapshot")
+	}
 }

@@ -235,6 +235,21 @@ func testControlTwoNodes(t *testing.T, dbURL string) {
 			t.Fatalf("proxy to %s on %s: %d %q", id, on[id], code, body)
 		}
 	}
+	// Metrics (the node's sampled history) through the control.
+	for _, id := range ids[:2] {
+		req, _ := http.NewRequest("GET", c.url()+"/sandboxes/"+id+"/metrics", nil)
+		req.Header.Set("X-API-Key", key)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ms []map[string]any
+		json.NewDecoder(res.Body).Decode(&ms)
+		res.Body.Close()
+		if res.StatusCode != 200 || len(ms) == 0 {
+			t.Fatalf("metrics of %s on %s: %d %v", id, on[id], res.StatusCode, ms)
+		}
+	}
 	// Lifecycle calls go to the owning node.
 	if err := cl.Kill(ctx, ids[0]); err != nil {
 		t.Fatal(err)

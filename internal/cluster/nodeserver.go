@@ -90,6 +90,7 @@ func NewNodeServer(n *node.Node, token string, log *slog.Logger) *NodeServer {
 	}))
 	mux.HandleFunc("POST /node/v1/sandboxes/{id}/connect", s.connect)
 	mux.HandleFunc("GET /node/v1/sandboxes/{id}/stats", s.stats)
+	mux.HandleFunc("GET /node/v1/sandboxes/{id}/metrics", s.metrics)
 	mux.HandleFunc("POST /node/v1/sandboxes/{id}/snapshots", s.snapshot)
 	mux.HandleFunc("DELETE /node/v1/snapshots/{id}", s.deleteSnapshot)
 	mux.HandleFunc("GET /node/v1/sandboxes/{id}/dial", s.dial)
@@ -168,6 +169,22 @@ func (s *NodeServer) stats(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *NodeServer) metrics(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	start, err1 := time.Parse(time.RFC3339Nano, q.Get("start"))
+	end, err2 := time.Parse(time.RFC3339Nano, q.Get("end"))
+	if err1 != nil || err2 != nil {
+		writeErr(w, errs.E(errs.InvalidArgument, "start and end must be RFC 3339 times"))
+		return
+	}
+	ms, err := s.n.Metrics(r.Context(), r.PathValue("id"), start, end)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, ms)
 }
 
 func (s *NodeServer) snapshot(w http.ResponseWriter, r *http.Request) {

@@ -273,6 +273,16 @@ func (r *RemoteNode) Stats(ctx context.Context, id string) (runtime.Stats, error
 	return st, err
 }
 
+// Metrics forwards a read of the sandbox's sampled metrics history.
+func (r *RemoteNode) Metrics(ctx context.Context, id string, start, end time.Time) ([]runtime.Stats, error) {
+	q := url.Values{}
+	q.Set("start", start.UTC().Format(time.RFC3339Nano))
+	q.Set("end", end.UTC().Format(time.RFC3339Nano))
+	var out []runtime.Stats
+	err := r.call(ctx, "GET", sbPath(id, "/metrics?"+q.Encode()), nil, &out)
+	return out, err
+}
+
 // Snapshot forwards a snapshot.
 func (r *RemoteNode) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error) {
 	var snap runtime.Snapshot

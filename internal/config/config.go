@@ -61,6 +61,11 @@ type Config struct {
 	AgentPath      string        `json:"agentPath" env:"CUBE_AGENT" default:""`
 	KernelPath     string        `json:"kernelPath" env:"CUBE_KERNEL" default:""`
 	DebianMirror   string        `json:"debianMirror" env:"CUBE_DEBIAN_MIRROR" default:""`
+	// MetricsInterval is how often each running sandbox is sampled for
+	// GET /sandboxes/{id}/metrics; MetricsRetention how much history is
+	// kept per sandbox (in memory, a ring of Retention/Interval samples).
+	MetricsInterval  time.Duration `json:"metricsInterval" env:"CUBE_METRICS_INTERVAL" default:"5s"`
+	MetricsRetention time.Duration `json:"metricsRetention" env:"CUBE_METRICS_RETENTION" default:"1h"`
 
 	// VMMJail runs each microVM's VMM jailed (namespaces, cgroup, fds;
 	// docs/vmm.md); VMMSeccomp installs its seccomp filter. Turn them off

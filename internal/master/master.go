@@ -33,6 +33,7 @@ type Node interface {
 	Refresh(ctx context.Context, id string, d time.Duration) error
 	SetNetwork(ctx context.Context, id string, allowInternet *bool, nw store.Network) error
 	Stats(ctx context.Context, id string) (runtime.Stats, error)
+	Metrics(ctx context.Context, id string, start, end time.Time) ([]runtime.Stats, error)
 	Dial(ctx context.Context, id string, port int, allowResume bool) (net.Conn, error)
 	Counts() map[store.SandboxState]int
 	Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error)

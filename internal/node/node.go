@@ -48,6 +48,11 @@ type Config struct {
 	ExpiryInterval time.Duration
 	// OpTimeout bounds one runtime operation (create, pause, resume).
 	OpTimeout time.Duration
+	// MetricsInterval is how often running sandboxes are sampled for the
+	// metrics history (default 5 s); MetricsRetention how long samples are
+	// kept (default 1 h).
+	MetricsInterval  time.Duration
+	MetricsRetention time.Duration
 }
 
 // PolicyRuntime is implemented by runtimes that put sandboxes in network
@@ -75,6 +80,9 @@ type Node struct {
 	locks  map[string]*sbLock        // guarded by mu
 	active map[string]bool           // ids holding a slot (guarded by mu)
 
+	mmu     sync.Mutex       // guards history (never held with mu)
+	history map[string]*ring // metrics samples per live sandbox
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 }
@@ -101,9 +109,15 @@ func New(cfg Config, rt runtime.Runtime, st *store.Store, log *slog.Logger) *Nod
 	if cfg.OpTimeout <= 0 {
 		cfg.OpTimeout = 2 * time.Minute
 	}
+	if cfg.MetricsInterval <= 0 {
+		cfg.MetricsInterval = 5 * time.Second
+	}
+	if cfg.MetricsRetention < cfg.MetricsInterval {
+		cfg.MetricsRetention = time.Hour
+	}
 	n := &Node{cfg: cfg, rt: rt, st: st, log: log.With("component", "node", "node", cfg.ID), now: time.Now,
 		cache: map[string]*store.Sandbox{}, locks: map[string]*sbLock{}, active: map[string]bool{},
-		stop: make(chan struct{})}
+		history: map[string]*ring{}, stop: make(chan struct{})}
 	return n
 }
 
@@ -126,14 +140,19 @@ func (n *Node) Free() int {
 	return n.cfg.Capacity - len(n.active)
 }
 
-// Start reconciles the store with the runtime and starts the expiry loop.
+// Start reconciles the store with the runtime, sweeps leftover snapshots
+// (SweepSnapshots) and starts the expiry and metrics loops.
 func (n *Node) Start(ctx context.Context) error {
 	if err := n.Reconcile(ctx); err != nil {
 		return err
 	}
+	if _, err := n.SweepSnapshots(ctx); err != nil {
+		n.log.Warn("sweep of leftover snapshots failed", "err", err)
+	}
 	n.st.PutNode(ctx, &store.Node{ID: n.cfg.ID, Address: "local", Runtime: n.rt.Name(), Capacity: n.cfg.Capacity, State: "ready", HeartbeatAt: n.now()})
-	n.wg.Add(1)
+	n.wg.Add(2)
 	go n.expiryLoop()
+	go n.metricsLoop()
 	return nil
 }
 
@@ -382,10 +401,13 @@ func (n *Node) Create(ctx context.Context, req CreateRequest) (*store.Sandbox, e
 	return sb, nil
 }
 
-// Snapshot takes snapshot snapshotID of the running sandbox id, which
-// keeps running with its end time untouched (E2B createSnapshot and fork).
-// Conflict if the sandbox is not running. The snapshot lives on this node
-// until DeleteSnapshot.
+// Snapshot takes snapshot snapshotID of the running or paused sandbox id
+// (E2B createSnapshot and fork). A running sandbox keeps running with its
+// end time untouched; a paused one stays paused and resumable: the
+// runtime snapshots it from its pause checkpoint, or, if it cannot
+// (Conflict), the node resumes it, snapshots it and pauses it again under
+// the sandbox's lock (needing a free slot meanwhile). Conflict in any
+// other state. The snapshot lives on this node until DeleteSnapshot.
 func (n *Node) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error) {
 	unlock := n.lockSandbox(id)
 	defer unlock()
@@ -393,18 +415,50 @@ func (n *Node) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Sna
 	if err != nil {
 		return runtime.Snapshot{}, err
 	}
-	if sb.State != store.StateRunning {
-		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %q is %s, not running", id, sb.State)
+	if sb.State != store.StateRunning && sb.State != store.StatePaused {
+		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %q is %s, not running or paused", id, sb.State)
 	}
 	opCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
 	defer cancel()
 	snap, err := n.rt.Snapshot(opCtx, id, snapshotID)
+	if err != nil && sb.State == store.StatePaused && errs.Is(err, errs.Conflict) {
+		snap, err = n.snapshotByResume(opCtx, sb, snapshotID)
+	}
 	if err != nil {
 		n.event(ctx, id, "error", sb.State, sb.State, "snapshot: "+errs.Message(err))
 		return runtime.Snapshot{}, err
 	}
 	n.event(ctx, id, "snapshot", sb.State, sb.State, "snapshot "+snapshotID)
 	return snap, nil
+}
+
+// snapshotByResume snapshots the paused sandbox sb for a runtime that
+// snapshots only running sandboxes: resume, snapshot, pause again. The
+// record stays paused throughout (the caller holds the sandbox's lock, and
+// the proxy does not route to a paused sandbox). If the sandbox cannot be
+// paused again its record follows the runtime: running, holding its slot.
+func (n *Node) snapshotByResume(ctx context.Context, sb *store.Sandbox, snapshotID string) (runtime.Snapshot, error) {
+	if err := n.reserve(sb.ID); err != nil {
+		return runtime.Snapshot{}, err
+	}
+	if _, err := n.rt.Resume(ctx, sb.ID, runtime.NetSlot{}); err != nil {
+		n.release(sb.ID)
+		return runtime.Snapshot{}, err
+	}
+	snap, err := n.rt.Snapshot(ctx, sb.ID, snapshotID)
+	if perr := n.rt.Pause(ctx, sb.ID); perr != nil {
+		n.log.Error("pause again after snapshot", "sandbox", sb.ID, "err", perr)
+		if err == nil {
+			n.rt.DeleteSnapshot(ctx, snapshotID)
+		}
+		n.transition(ctx, sb, store.StateResuming, "snapshot of a paused sandbox")
+		sb.EndAt = n.now().UTC().Add(time.Duration(max(sb.TimeoutS, 15)) * time.Second)
+		sb.PausedAt = time.Time{}
+		n.transition(ctx, sb, store.StateRunning, "could not pause again after the snapshot: "+errs.Message(perr))
+		return runtime.Snapshot{}, perr
+	}
+	n.release(sb.ID)
+	return snap, err
 }
 
 // DeleteSnapshot removes a snapshot taken on this node. Sandboxes already

@@ -437,8 +437,34 @@ func TestSnapshotAndCreateFromIt(t *testing.T) {
 	if err := n.Pause(ctx, "p1"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.Snapshot(ctx, "p1", "s3"); !errs.Is(err, errs.Conflict) {
+	// A paused sandbox: the fake snapshots only running ones, so the node
+	// resumes it, snapshots and pauses it again; that needs a free slot.
+	for _, id := range []string{"f1", "f2", "f3"} {
+		create(t, n, id)
+	}
+	if _, err := n.Snapshot(ctx, "p1", "s3"); !errs.Is(err, errs.ResourceExhausted) {
+		t.Fatalf("paused sandbox on a full node: %v", err)
+	}
+	if got, _ := n.Get("p1"); got.State != store.StatePaused || n.Free() != 0 {
+		t.Fatalf("after a refused snapshot: %+v, free %d", got, n.Free())
+	}
+	if err := n.Kill(ctx, "f3"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Snapshot(ctx, "p1", "s3"); err != nil {
 		t.Fatalf("paused sandbox: %v", err)
+	}
+	if got, _ := n.Get("p1"); got.State != store.StatePaused || n.Free() != 1 {
+		t.Fatalf("after the snapshot of a paused sandbox: %+v, free %d", got, n.Free())
+	}
+	if got := rt.Snapshots(); fmt.Sprint(got) != "[s1 s3]" {
+		t.Fatalf("runtime snapshots %v", got)
+	}
+	if _, err := n.Resume(ctx, "p1", time.Minute); err != nil {
+		t.Fatalf("resume after snapshot: %v", err)
+	}
+	for _, id := range []string{"p1", "f1", "f2"} {
+		n.Kill(ctx, id)
 	}
 	if err := n.DeleteSnapshot(ctx, "s1"); err != nil {
 		t.Fatal(err)

@@ -16,6 +16,7 @@ package runtime
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"time"
 )
@@ -117,9 +118,45 @@ type Template struct {
 	// ExtraProbes are further HTTP ports that must answer 2xx on /health
 	// before the snapshot is taken (49999 for code-interpreter).
 	ExtraProbes []int
+	// StartCmd, if set, is the template's start command (argv): the agent
+	// starts it in the background (StartCmdEnv in its environment or in
+	// /init's envVars) and the bake snapshots only once it is ready, so
+	// every sandbox restored from the template has it running already.
+	StartCmd []string
+	// ReadyCmd, if set, is a shell command (/bin/sh -c) the bake runs
+	// through the agent until it exits 0 before the snapshot, at most
+	// ReadyTimeout (default DefaultReadyTimeout). Without one, a start
+	// command must keep running for a short settle (DefaultSettle).
+	ReadyCmd     string
+	ReadyTimeout time.Duration
 	// Progress, if set, is told the bake's steps: "booting", "probing",
-	// "snapshotting".
+	// "ready" (start and ready commands), "snapshotting".
 	Progress func(step string) `json:"-"`
+}
+
+// StartCmdEnv is the variable that hands the agent the start command (a
+// JSON array of strings); the agent removes it from the sandbox's env.
+const StartCmdEnv = "CUBE_START_CMD"
+
+// Defaults of the start command's ready check.
+const (
+	DefaultReadyTimeout = 60 * time.Second
+	DefaultSettle       = time.Second
+)
+
+// AgentEnv is the environment the bake hands the agent: Env plus the start
+// command (StartCmdEnv).
+func (t Template) AgentEnv() map[string]string {
+	env := make(map[string]string, len(t.Env)+1)
+	for k, v := range t.Env {
+		env[k] = v
+	}
+	delete(env, StartCmdEnv)
+	if len(t.StartCmd) > 0 {
+		b, _ := json.Marshal(t.StartCmd)
+		env[StartCmdEnv] = string(b)
+	}
+	return env
 }
 
 // DefaultAgentPath is where templates carry cube-agent.
@@ -142,7 +179,10 @@ type Runtime interface {
 	// net may differ from the one it was paused on.
 	Resume(ctx context.Context, id string, net NetSlot) (Info, error)
 	// Snapshot takes a snapshot of a running sandbox and lets it continue
-	// (fork). The snapshot can be used as CreateSpec.SnapshotID.
+	// (fork). The snapshot can be used as CreateSpec.SnapshotID. A runtime
+	// may also snapshot a paused sandbox (leaving it paused); one that
+	// cannot answers errs.Conflict and the node resumes, snapshots and
+	// pauses it again.
 	Snapshot(ctx context.Context, id, snapshotID string) (Snapshot, error)
 	// DeleteSnapshot removes a snapshot.
 	DeleteSnapshot(ctx context.Context, snapshotID string) error
@@ -157,6 +197,23 @@ type Runtime interface {
 	// Close releases the runtime's resources (pools) but leaves sandboxes
 	// running so that a restarted process can re-adopt them.
 	Close() error
+}
+
+// SnapshotLister is implemented by runtimes that can list the snapshots
+// they keep, so that a node can remove what a crash left behind (the
+// temporary snapshot of an interrupted fork, a snapshot whose record was
+// never written, a half-written or half-deleted one).
+type SnapshotLister interface {
+	ListSnapshots(ctx context.Context) ([]SnapshotEntry, error)
+}
+
+// SnapshotEntry is one snapshot a runtime keeps.
+type SnapshotEntry struct {
+	ID string
+	// Complete is false for a snapshot whose writing or deletion was
+	// interrupted: it cannot be restored and is only fit for deletion
+	// (DeleteSnapshot removes it).
+	Complete bool
 }
 
 // Agent ports inside every sandbox.

@@ -44,6 +44,17 @@ func childServer(dir string) {
 		panic(err)
 	}
 	rt.Handler = runtimetest.EnvdLike
+	if os.Getenv("CUBE_TEST_HOLD_SNAPSHOT_CREATES") != "" {
+		// Creates from a snapshot (forks) announce themselves in DIR/held-<id>
+		// and never finish: the test kills the process meanwhile.
+		rt.FailCreate = func(spec runtime.CreateSpec) error {
+			if spec.SnapshotID != "" {
+				os.WriteFile(filepath.Join(dir, "held-"+spec.ID), []byte(spec.SnapshotID), 0o600)
+				select {}
+			}
+			return nil
+		}
+	}
 	s, err := server.New(ctx, cfg, rt, logging.New(os.Stderr, "info", "text"))
 	if err != nil {
 		panic(err)
@@ -57,11 +68,11 @@ func childServer(dir string) {
 	s.Serve(ctx, ln)
 }
 
-func startChild(t *testing.T, dir string) (*exec.Cmd, string) {
+func startChild(t *testing.T, dir string, env ...string) (*exec.Cmd, string) {
 	t.Helper()
 	os.Remove(filepath.Join(dir, "addr"))
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "CUBE_TEST_CHILD_DIR="+dir)
+	cmd.Env = append(append(os.Environ(), "CUBE_TEST_CHILD_DIR="+dir), env...)
 	log, _ := os.Create(filepath.Join(dir, fmt.Sprintf("child-%d.log", time.Now().UnixNano())))
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {

@@ -57,7 +57,8 @@ func New(ctx context.Context, cfg config.Config, rt runtime.Runtime, log *slog.L
 	if err != nil {
 		return nil, err
 	}
-	n := node.New(node.Config{ID: "local", Capacity: cfg.MaxSandboxes}, rt, st, log)
+	n := node.New(node.Config{ID: "local", Capacity: cfg.MaxSandboxes,
+		MetricsInterval: cfg.MetricsInterval, MetricsRetention: cfg.MetricsRetention}, rt, st, log)
 	if err := n.Start(ctx); err != nil {
 		st.Close()
 		return nil, err

@@ -404,6 +404,25 @@ func (s *Store) GetSnapshot(ctx context.Context, keyID, idOrName string) (*Snaps
 	return all[0], nil
 }
 
+// NodeSnapshots returns the snapshot records of every key kept on node
+// nodeID (the start-up sweep compares them with the runtime's).
+func (s *Store) NodeSnapshots(ctx context.Context, nodeID string) ([]*Snapshot, error) {
+	rows, err := s.query(ctx, `SELECT `+snapshotCols+` FROM snapshots WHERE node_id = ? ORDER BY id`, nodeID)
+	if err != nil {
+		return nil, dbErr(err, "list node snapshots")
+	}
+	defer rows.Close()
+	var out []*Snapshot
+	for rows.Next() {
+		sn, err := scanSnapshot(rows)
+		if err != nil {
+			return nil, dbErr(err, "list node snapshots")
+		}
+		out = append(out, sn)
+	}
+	return out, dbErr(rows.Err(), "list node snapshots")
+}
+
 // DeleteSnapshot removes a snapshot record of key.
 func (s *Store) DeleteSnapshot(ctx context.Context, keyID, id string) error {
 	res, err := s.exec(ctx, `DELETE FROM snapshots WHERE id = ? AND key_id = ?`, id, keyID)

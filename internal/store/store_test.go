@@ -338,6 +338,24 @@ func suite(t *testing.T, s *store.Store) {
 		if err := s.DeleteSnapshot(ctx, "k1", "snap3"); err != nil {
 			t.Fatal(err)
 		}
+		// Every key's records on one node, for the start-up sweep.
+		onLocal, err := s.NodeSnapshots(ctx, "local")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var localIDs []string
+		for _, sn := range onLocal {
+			if sn.NodeID != "local" {
+				t.Fatalf("NodeSnapshots(local) gave %+v", sn)
+			}
+			localIDs = append(localIDs, sn.ID)
+		}
+		if fmt.Sprint(localIDs) != "[snap2 snap4]" { // snap1 and race* have no node, snap3 was just deleted
+			t.Fatalf("NodeSnapshots(local) = %v", localIDs)
+		}
+		if none, err := s.NodeSnapshots(ctx, "nowhere"); err != nil || len(none) != 0 {
+			t.Fatalf("NodeSnapshots(nowhere) = %v %v", none, err)
+		}
 		if _, err := s.GetSnapshot(ctx, "k1", "b"); !errs.Is(err, errs.NotFound) {
 			t.Fatal("deleted snapshot's name still resolves:", err)
 		}

@@ -7,7 +7,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
@@ -40,17 +39,24 @@ type Builder struct {
 
 // ImageRequest asks for a template from an OCI image.
 type ImageRequest struct {
-	TemplateID  string
-	Source      ImageSource
-	CPUCount    int
-	MemoryMB    int
-	DiskMB      int // writable layer size
-	Env         map[string]string
-	StartCmd    []string // overrides the image's entrypoint+cmd
-	ExposePorts []int
-	ProbePort   int
-	ProbePath   string
-	JobID       string // optional: a job id chosen by the caller
+	TemplateID string
+	Source     ImageSource
+	CPUCount   int
+	MemoryMB   int
+	DiskMB     int // writable layer size
+	Env        map[string]string
+	// StartCmd (argv) is started by the agent in the background before the
+	// snapshot, so every sandbox has it running (E2B's startCmd). The
+	// image's own entrypoint and cmd are kept in the record, not run.
+	StartCmd []string
+	// ReadyCmd is a shell command run in the sandbox until it exits 0
+	// before the snapshot, bounded by ReadyTimeout (E2B's readyCmd).
+	ReadyCmd     string
+	ReadyTimeout time.Duration
+	ExposePorts  []int
+	ProbePort    int
+	ProbePath    string
+	JobID        string // optional: a job id chosen by the caller
 }
 
 // Defaults for new templates.
@@ -141,7 +147,7 @@ func (b *Builder) CreateBuiltin(ctx context.Context, name string) (Record, error
 		if b.Runtime == nil {
 			return old, nil
 		}
-		if err := b.Runtime.BakeTemplate(ctx, b.runtimeTemplate(ctx, &old, old.RootfsDir, old.Ext4Image, rc.ExtraProbes, nil)); err != nil {
+		if err := b.Runtime.BakeTemplate(ctx, b.runtimeTemplate(ctx, &old, old.RootfsDir, old.Ext4Image, rc.ExtraProbes)); err != nil {
 			return b.fail(ctx, &old, err)
 		}
 		if old.Phase != PhaseReady {
@@ -172,7 +178,7 @@ func (b *Builder) CreateBuiltin(ctx context.Context, name string) (Record, error
 		}
 		return nil
 	}
-	return b.finish(ctx, &r, digest, produce, rc.ExtraProbes, nil)
+	return b.finish(ctx, &r, digest, produce, rc.ExtraProbes)
 }
 
 // CreateFromImage builds a template from an OCI image.
@@ -189,6 +195,17 @@ func (b *Builder) CreateFromImage(ctx context.Context, req ImageRequest) (Record
 func (b *Builder) PrepareImage(ctx context.Context, req ImageRequest) (Record, error) {
 	if req.Source.Ref == "" {
 		return Record{}, errs.E(errs.InvalidArgument, "no image given")
+	}
+	if len(req.StartCmd) > 0 && req.StartCmd[0] == "" {
+		return Record{}, errs.E(errs.InvalidArgument, "the start command names no program")
+	}
+	for _, a := range append([]string{req.ReadyCmd}, req.StartCmd...) {
+		if strings.IndexByte(a, 0) >= 0 {
+			return Record{}, errs.E(errs.InvalidArgument, "the start or ready command contains a NUL byte")
+		}
+	}
+	if req.ReadyTimeout < 0 {
+		return Record{}, errs.E(errs.InvalidArgument, "negative ready timeout")
 	}
 	kind, loc := req.Source.Kind()
 	return b.prepare(ctx, req.TemplateID, kind+":"+loc, nil, false, req.JobID)
@@ -227,9 +244,8 @@ func (b *Builder) RunImage(ctx context.Context, r Record, req ImageRequest) (Rec
 		}
 		r.Env[k] = v
 	}
-	if len(req.StartCmd) > 0 {
-		r.Entrypoint, r.Cmd = nil, req.StartCmd
-	}
+	r.StartCmd, r.ReadyCmd = req.StartCmd, req.ReadyCmd
+	r.ReadyTimeoutSec = int((req.ReadyTimeout + time.Second - 1) / time.Second)
 	limit := int64(orDefault(b.MaxImageMB, defaultMaxMB)) << 20
 	produce := func(dir string) error {
 		skipped, err := unpackImage(ctx, img, dir, limit, func(i, n int) {
@@ -241,7 +257,7 @@ func (b *Builder) RunImage(ctx context.Context, r Record, req ImageRequest) (Rec
 		return err
 	}
 	digest := artifactDigest("image:"+imgDigest.String(), agentSum)
-	return b.finish(ctx, &r, digest, produce, nil, startCmd(r))
+	return b.finish(ctx, &r, digest, produce, nil)
 }
 
 func orDefault(v, d int) int {
@@ -249,11 +265,6 @@ func orDefault(v, d int) int {
 		return v
 	}
 	return d
-}
-
-// startCmd is the image's own command, handed to the agent to start.
-func startCmd(r Record) []string {
-	return append(append([]string{}, r.Entrypoint...), r.Cmd...)
 }
 
 func artifactDigest(source, agentSum string) string {
@@ -280,7 +291,7 @@ func (b *Builder) ArtifactDir(digest string) string {
 }
 
 // finish produces the artifacts (unless they exist), then bakes.
-func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce func(dir string) error, extraProbes []int, start []string) (Record, error) {
+func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce func(dir string) error, extraProbes []int) (Record, error) {
 	dir := b.ArtifactDir(digest)
 	rootfs, img := filepath.Join(dir, "rootfs"), filepath.Join(dir, "rootfs.ext4")
 	if _, err := os.Stat(filepath.Join(dir, "complete")); err != nil {
@@ -327,7 +338,11 @@ func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce 
 	if err := b.Runtime.DeleteTemplate(ctx, r.ID); err != nil && !errs.Is(err, errs.NotFound) {
 		return b.fail(ctx, r, err)
 	}
-	if err := b.Runtime.BakeTemplate(ctx, b.runtimeTemplate(ctx, r, rootfs, img, extraProbes, start)); err != nil {
+	if err := b.Runtime.BakeTemplate(ctx, b.runtimeTemplate(ctx, r, rootfs, img, extraProbes)); err != nil {
+		// The runtime left nothing; nor do we: artifacts no other
+		// template has go too (the record stays, FAILED, with the reason).
+		b.dropArtifacts(ctx, r.ID, digest)
+		r.Digest, r.RootfsDir, r.Ext4Image, r.SizeBytes = "", "", "", 0
 		return b.fail(ctx, r, err)
 	}
 	r.Reason = ""
@@ -337,17 +352,14 @@ func (b *Builder) finish(ctx context.Context, r *Record, digest string, produce 
 
 // runtimeTemplate is what the runtime bakes for r: both the rootfs dir
 // (gvisor) and the ext4 image (microvm), whichever runtime the server uses.
-func (b *Builder) runtimeTemplate(ctx context.Context, r *Record, rootfs, img string, extraProbes []int, start []string) runtime.Template {
+func (b *Builder) runtimeTemplate(ctx context.Context, r *Record, rootfs, img string, extraProbes []int) runtime.Template {
 	env := map[string]string{}
 	for k, v := range r.Env {
 		env[k] = v
 	}
-	if len(start) > 0 {
-		j, _ := json.Marshal(start)
-		env["CUBE_START_CMD"] = string(j)
-	}
 	return runtime.Template{
 		ID: r.ID, RootfsDir: rootfs, Ext4Image: img, Env: env, Workdir: r.Workdir,
+		StartCmd: r.StartCmd, ReadyCmd: r.ReadyCmd, ReadyTimeout: time.Duration(r.ReadyTimeoutSec) * time.Second,
 		Resources: runtime.Resources{CPUCount: r.CPUCount, MemoryMB: r.MemoryMB, DiskMB: r.DiskMB},
 		ProbePort: r.ProbePort, ProbePath: r.ProbePath, ExtraProbes: extraProbes,
 		Progress: func(step string) {
@@ -356,11 +368,32 @@ func (b *Builder) runtimeTemplate(ctx context.Context, r *Record, rootfs, img st
 				b.set(ctx, r, PhaseBooting, 0, "")
 			case "probing":
 				b.set(ctx, r, PhaseProbing, 0, fmt.Sprintf(":%d%s", r.ProbePort, r.ProbePath))
+			case "ready":
+				note := "start command settling"
+				if r.ReadyCmd != "" {
+					note = "ready: " + r.ReadyCmd
+				}
+				b.set(ctx, r, PhaseProbing, 0.5, note)
 			case "snapshotting":
 				b.set(ctx, r, PhaseSnapshotting, 0, "")
 			}
 		},
 	}
+}
+
+// dropArtifacts removes the artifacts of digest unless a template other
+// than id has them.
+func (b *Builder) dropArtifacts(ctx context.Context, id, digest string) {
+	all, err := b.Catalog.List(ctx)
+	if err != nil {
+		return
+	}
+	for _, o := range all {
+		if o.ID != id && o.Digest == digest {
+			return
+		}
+	}
+	os.RemoveAll(b.ArtifactDir(digest))
 }
 
 // Delete removes a template: the runtime's snapshot (refused while

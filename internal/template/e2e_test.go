@@ -40,7 +40,7 @@ func cacheDir() string {
 }
 
 // newBuilder returns a Builder on a fresh gVisor runtime, or skips.
-func newBuilder(t *testing.T) (*Builder, *gvisor.Runtime) {
+func newBuilder(t testing.TB) (*Builder, *gvisor.Runtime) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (runsc, netns, cgroups)")
 	}
@@ -78,7 +78,7 @@ func noLeaks(t *testing.T, b *Builder, rt *gvisor.Runtime) {
 }
 
 // hostFile is a layer entry copied from the host.
-func hostFile(t *testing.T, src, dst string) entry {
+func hostFile(t testing.TB, src, dst string) entry {
 	b, err := os.ReadFile(src)
 	if err != nil {
 		t.Skipf("host file %s: %v", src, err)

@@ -77,6 +77,12 @@ type Record struct {
 	ExposePorts []int  `json:"exposePorts,omitempty"`
 	ProbePort   int    `json:"probePort"`
 	ProbePath   string `json:"probePath"`
+	// StartCmd is started by the agent before the snapshot (every sandbox
+	// has it running); ReadyCmd (sh -c) had to exit 0 first, within
+	// ReadyTimeoutSec (0 = the runtime's default).
+	StartCmd        []string `json:"startCmd,omitempty"`
+	ReadyCmd        string   `json:"readyCmd,omitempty"`
+	ReadyTimeoutSec int      `json:"readyTimeoutSec,omitempty"`
 
 	CreatedAt time.Time `json:"createdAt"`
 	UpdatedAt time.Time `json:"updatedAt"`

@@ -6,6 +6,7 @@ import { describe, test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { execFileSync } from 'node:child_process'
 import path from 'node:path'
+import fs from 'node:fs'
 import { startServer, require, sleep } from './harness.mjs'
 
 const [major, minor] = process.versions.node.split('.').map(Number)
@@ -164,6 +165,49 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     }
   })
 
+  test('snapshot of a paused sandbox: created from, original resumes', async () => {
+    const sbx = await Sandbox.create('base')
+    const made = []
+    try {
+      await sbx.files.write('/home/user/paused.txt', 'written before pause')
+      assert.equal(await sbx.pause(), true)
+      const snap = await Sandbox.createSnapshot(sbx.sandboxId)
+      assert.match(snap.snapshotId, /^[a-z0-9]+$/)
+      assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'paused')
+      const child = await Sandbox.create(snap.snapshotId, { timeoutMs: 120_000 })
+      made.push(child)
+      assert.equal(await child.files.read('/home/user/paused.txt'), 'written before pause')
+      const again = await Sandbox.connect(sbx.sandboxId)
+      assert.equal((await again.getInfo()).state, 'running')
+      assert.equal(await again.files.read('/home/user/paused.txt'), 'written before pause')
+      await child.files.write('/home/user/paused.txt', 'child')
+      assert.equal(await again.files.read('/home/user/paused.txt'), 'written before pause')
+      assert.equal(await Sandbox.deleteSnapshot(snap.snapshotId), true)
+    } finally {
+      for (const s of made) await Sandbox.kill(s.sandboxId)
+      await Sandbox.kill(sbx.sandboxId)
+    }
+  })
+
+  test('getMetrics: history with start/end, other key 404', async () => {
+    const sbx = await Sandbox.create('base')
+    try {
+      const first = await sbx.getMetrics()
+      assert.ok(first.length >= 1, `no sample: ${JSON.stringify(first)}`)
+      const m = first[first.length - 1]
+      assert.ok(m.timestamp instanceof Date && !isNaN(m.timestamp))
+      for (const k of ['cpuUsedPct', 'cpuCount', 'memUsed', 'memTotal', 'memCache', 'diskUsed', 'diskTotal']) assert.equal(typeof m[k], 'number', k)
+      assert.ok(m.memTotal > 0 && m.cpuCount >= 1)
+      const now = Date.now()
+      assert.deepEqual(await sbx.getMetrics({ start: new Date(now + 3_600_000) }), [])
+      const ranged = await Sandbox.getMetrics(sbx.sandboxId, { start: new Date(now - 60_000), end: new Date(now + 60_000) })
+      assert.ok(ranged.length >= 1)
+      await assert.rejects(Sandbox.getMetrics(sbx.sandboxId, { apiKey: srv.key2 }), errors.SandboxNotFoundError ?? Error)
+    } finally {
+      await sbx.kill()
+    }
+  })
+
   test('list filters by metadata and state', async () => {
     const a = await Sandbox.create('base', { metadata: { team: 'red', run: 'list' } })
     const b = await Sandbox.create('base', { metadata: { team: 'blue', run: 'list' } })
@@ -221,7 +265,26 @@ describe('stock E2B SDKs against cube server', { skip: nodeOK ? false : `e2b 2.5
     await pau.files.write('/home/user/state.txt', 'paused state')
     await pau.pause()
     const keep = await run.createSnapshot({ name: 'e2e-crash' })
-    await srv.restart('SIGKILL')
+    // A fork in flight when the server dies: its temporary snapshot (and
+    // a planted half-written one) are swept at the next start.
+    const snapDir = path.join(srv.dataDir, 'gvisor', 'snapshots')
+    const forking = Sandbox.fork(run.sandboxId, { count: 2 }).catch(() => 'interrupted')
+    let temp = []
+    for (let i = 0; i < 1000 && temp.length === 0; i++) {
+      temp = fs.readdirSync(snapDir).filter((d) => d !== keep.snapshotId)
+      if (temp.length === 0) await sleep(10)
+    }
+    assert.ok(temp.length > 0, 'the fork never took its snapshot')
+    let leftover = []
+    await srv.restart('SIGKILL', () => {
+      fs.mkdirSync(path.join(snapDir, 'halfwritten000000000', 'image'), { recursive: true })
+      leftover = fs.readdirSync(snapDir).filter((d) => d !== keep.snapshotId)
+    })
+    await forking
+    assert.ok(leftover.includes('halfwritten000000000'))
+    assert.deepEqual(fs.readdirSync(snapDir), [keep.snapshotId], 'leftover snapshots swept at start')
+    const log = fs.readFileSync(path.join(srv.dataDir, 'server.log'), 'utf8')
+    for (const id of leftover) assert.match(log, new RegExp(`sweep: removed leftover snapshot.*${id}`))
     // Snapshots are in the store and on disk: listed and usable after the crash.
     assert.deepEqual(await Sandbox.listSnapshots({ name: 'e2e-crash' }).nextItems(), [{ snapshotId: keep.snapshotId, names: ['e2e-crash'] }])
     const fromKeep = await Sandbox.create('e2e-crash')

@@ -71,9 +71,12 @@ export async function startServer() {
     url, key, key2, dataDir,
     // restart kills the server with signal (SIGKILL: no cleanup at all)
     // and starts it again on the same data dir and port.
-    async restart(signal = 'SIGKILL') {
+    // whileDown, if given, runs after the old process exited and before
+    // the new one starts.
+    async restart(signal = 'SIGKILL', whileDown) {
       st.proc.kill(signal)
       await st.exited
+      if (whileDown) await whileDown()
       const k = await launch()
       assert.equal(k, key, 'the default key is printed again after a restart')
       await waitHealthy(url)

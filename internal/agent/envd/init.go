@@ -86,6 +86,21 @@ func (s *Server) Init(req InitRequest) error {
 			return errs.E(errs.InvalidArgument, "default user %q does not exist", req.DefaultUser)
 		}
 	}
+	// The start command rides in envVars (StartCmdEnv) but is no env var
+	// of the sandbox's processes. Only an agent that has none yet reads it:
+	// a restored agent already runs the one from its snapshot.
+	var startArgv []string
+	if v, ok := req.EnvVars[StartCmdEnv]; ok {
+		req.EnvVars = maps.Clone(req.EnvVars)
+		delete(req.EnvVars, StartCmdEnv)
+		if s.startState() == StartNone {
+			argv, err := ParseStartCmd(v)
+			if err != nil {
+				return err
+			}
+			startArgv = argv
+		}
+	}
 	if len(entropy) > 0 {
 		if err := AddEntropy(entropy); err != nil {
 			return err
@@ -113,6 +128,11 @@ func (s *Server) Init(req InitRequest) error {
 				s.log.Warn("init: cannot step clock", "err", err)
 			}
 		}
+	}
+	if startArgv != nil {
+		// After the env and workdir above: the command gets them. A
+		// command that cannot start is reported by GET /start, not here.
+		_ = s.StartCommand(startArgv, nil, "")
 	}
 	return nil
 }

@@ -3,7 +3,8 @@
 // Package envd is cube-agent's E2B-compatible envd API (port 49983):
 // Connect RPC services process.Process and filesystem.Filesystem (JSON and
 // binary codecs, unary and server streaming), and the plain HTTP endpoints
-// /files, /health, /init, /envs and /metrics. See docs/agent.md.
+// /files, /health, /init, /envs, /metrics and /start (the template's start
+// command, startcmd.go). See docs/agent.md.
 package envd
 
 import (
@@ -60,6 +61,8 @@ type Server struct {
 	envs        map[string]string
 	manageClock bool
 
+	startCmd startCmd // the template's start command (startcmd.go)
+
 	handler http.Handler
 }
 
@@ -94,6 +97,7 @@ func New(o Options) *Server {
 	mux.HandleFunc("POST /init", s.handleInit)
 	mux.HandleFunc("GET /envs", s.handleEnvs)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.HandleFunc("GET /start", s.handleStart)
 	s.handler = s.middleware(mux)
 	return s
 }

@@ -4,6 +4,7 @@ package pid1
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"net/http"
 	"os"
@@ -69,6 +70,8 @@ func TestAgentAsPID1(t *testing.T) {
 	cmd := exec.Command("unshare", "--pid", "--fork", "--mount", "--uts", "--net", "--mount-proc", "--kill-child",
 		bin, "--envd-addr", "unix:"+sock, "--interp-addr", "", "--ensure-user=false", "--vsock=false", "--log-level=warn")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	// The template's start command, as the gVisor runtime hands it over.
+	cmd.Env = append(os.Environ(), `CUBE_START_CMD=["/bin/sh","-c","echo started $FOO; exec sleep 600"]`, "FOO=bar")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -114,6 +117,33 @@ func TestAgentAsPID1(t *testing.T) {
 	if got := strings.TrimSpace(runSh("echo $PPID")); got != "1" {
 		t.Fatalf("commands are not children of PID 1: PPID=%q", got)
 	}
+	// The start command runs, a child of PID 1 with the agent's env.
+	var st struct {
+		State string
+		Pid   int
+		Log   string
+	}
+	for {
+		res, err := hc.Get("http://agent/start")
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = json.NewDecoder(res.Body).Decode(&st)
+		res.Body.Close()
+		if err != nil || st.State != "running" {
+			t.Fatalf("start command: %+v %v", st, err)
+		}
+		if strings.Contains(st.Log, "started bar") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("start command output: %q", st.Log)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := strings.TrimSpace(runSh("cut -d' ' -f4 /proc/" + strconv.Itoa(st.Pid) + "/stat; echo ${CUBE_START_CMD:-unset}")); got != "1\nunset" {
+		t.Fatalf("start command's parent, CUBE_START_CMD in processes: %q", got)
+	}
 	if got := strings.TrimSpace(runSh("hostname")); got != "sandbox" {
 		t.Fatalf("hostname %q", got)
 	}
@@ -122,10 +152,17 @@ func TestAgentAsPID1(t *testing.T) {
 	}
 	// Orphan a child: it is re-parented to the agent, which must reap it.
 	runSh("(sleep 0.3 &) ; true")
-	time.Sleep(1500 * time.Millisecond)
-	zombies := runSh(`n=0; for f in /proc/[0-9]*/stat; do s=$(cut -d' ' -f3 "$f" 2>/dev/null); [ "$s" = Z ] && n=$((n+1)); done; echo $n`)
-	if strings.TrimSpace(zombies) != "0" {
-		t.Fatalf("%s zombies left", strings.TrimSpace(zombies))
+	// Let the orphan exit, then wait (however loaded the host) for no
+	// zombie to be left.
+	time.Sleep(500 * time.Millisecond)
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		zombies := runSh(`n=0; for f in /proc/[0-9]*/stat; do s=$(cut -d' ' -f3 "$f" 2>/dev/null); [ "$s" = Z ] && n=$((n+1)); done; echo $n`)
+		if strings.TrimSpace(zombies) == "0" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s zombies left", strings.TrimSpace(zombies))
+		}
 	}
 	// SIGTERM to the agent (PID 1 inside): clean shutdown.
 	child := childOf(cmd.Process.Pid)

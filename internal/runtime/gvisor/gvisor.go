@@ -25,6 +25,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -40,6 +41,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/runtime/readycheck"
 )
 
 // Options configure the runtime.
@@ -324,7 +326,9 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return errs.Wrap(errs.Internal, err, "template dir")
 	}
-	bp := bundleParams{RootfsDir: t.RootfsDir, Cmd: cmd, Env: t.Env, Workdir: t.Workdir}
+	// The agent starts the start command from its environment at boot.
+	env := t.AgentEnv()
+	bp := bundleParams{RootfsDir: t.RootfsDir, Cmd: cmd, Env: env, Workdir: t.Workdir}
 	cid := r.newCID()
 	nsName := netnsPrefix + cid
 	fail := func(err error) error {
@@ -365,23 +369,42 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	for _, p := range t.ExtraProbes {
 		probes = append(probes, probe{p, "/health"})
 	}
+	// A start command that ends fails the probes at once (they may wait
+	// on the port it should serve).
+	probeCtx, stopWatch := pctx, context.CancelFunc(func() {})
+	if len(t.StartCmd) > 0 {
+		probeCtx, stopWatch = readycheck.WhileRunning(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) })
+	}
+	defer stopWatch()
 	for _, p := range probes {
-		if err := r.probe(pctx, cid, logPath, dial, p.port, p.path); err != nil {
+		if err := r.probe(probeCtx, cid, logPath, dial, p.port, p.path); err != nil {
+			if ended := readycheck.Ended(probeCtx); ended != nil {
+				err = ended
+			}
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: probe :%d%s", t.ID, p.port, p.path))
 		}
 	}
 	// The template's environment and workdir become the agent's defaults
-	// before the snapshot, so every sandbox starts with them.
-	if probePort == runtime.EnvdPort && (len(t.Env) > 0 || t.Workdir != "") {
+	// before the snapshot, so every sandbox starts with them (also when the
+	// probe is another port, e.g. the start command's server, as long as
+	// the init is the agent).
+	if (probePort == runtime.EnvdPort || len(t.Cmd) == 0) && (len(env) > 0 || t.Workdir != "") {
 		body := map[string]any{}
-		if len(t.Env) > 0 {
-			body["envVars"] = t.Env
+		if len(env) > 0 {
+			body["envVars"] = env
 		}
 		if t.Workdir != "" {
 			body["defaultWorkdir"] = t.Workdir
 		}
 		if err := r.postInit(pctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, body, ""); err != nil {
 			return fail(errs.Wrap(errs.FailedPrecondition, err, "template %s: agent init", t.ID))
+		}
+	}
+	// The start command runs and is ready: the snapshot has it running.
+	if len(t.StartCmd) > 0 || t.ReadyCmd != "" {
+		step("ready")
+		if err := readycheck.Wait(ctx, func(ctx context.Context) (net.Conn, error) { return dial(ctx, runtime.EnvdPort) }, t); err != nil {
+			return fail(errs.Wrap(errs.KindOf(err), err, "template %s", t.ID))
 		}
 	}
 	step("snapshotting")
@@ -844,7 +867,9 @@ func (r *Runtime) loadSnapshot(id string) (*snapshotMeta, error) {
 	return &m, nil
 }
 
-// Snapshot checkpoints a running sandbox and lets it continue.
+// Snapshot checkpoints a running sandbox and lets it continue; of a
+// paused sandbox it takes the pause checkpoint (hard links, a copy across
+// file systems), leaving the sandbox paused and resumable.
 func (r *Runtime) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Snapshot, error) {
 	if !idRE.MatchString(snapshotID) {
 		return runtime.Snapshot{}, errs.E(errs.InvalidArgument, "bad snapshot id %q", snapshotID)
@@ -858,15 +883,22 @@ func (r *Runtime) Snapshot(ctx context.Context, id, snapshotID string) (runtime.
 	if s.gone {
 		return runtime.Snapshot{}, errs.E(errs.NotFound, "sandbox %s not found", id)
 	}
-	if s.meta.State != runtime.StateRunning {
-		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %s is %s, not running", id, s.meta.State)
+	if s.meta.State != runtime.StateRunning && s.meta.State != runtime.StatePaused {
+		return runtime.Snapshot{}, errs.E(errs.Conflict, "sandbox %s is %s, not running or paused", id, s.meta.State)
 	}
 	d := r.snapshotDir(snapshotID)
 	if _, err := os.Stat(d); err == nil {
 		return runtime.Snapshot{}, errs.E(errs.AlreadyExists, "snapshot %s already exists", snapshotID)
 	}
 	img := filepath.Join(d, "image")
-	if _, err := r.runsc.run(ctx, s.meta.Source.DiskMB, "checkpoint", "--leave-running", "--image-path", img, s.meta.CID); err != nil {
+	if s.meta.State == runtime.StatePaused {
+		// The pause checkpoint is the snapshot: link its files (restores
+		// only read an image, and the next pause writes a new directory).
+		if err := linkTree(filepath.Join(s.dir, "ckpt"), img); err != nil {
+			os.RemoveAll(d)
+			return runtime.Snapshot{}, errs.Wrap(errs.Internal, err, "snapshot paused sandbox %s", id)
+		}
+	} else if _, err := r.runsc.run(ctx, s.meta.Source.DiskMB, "checkpoint", "--leave-running", "--image-path", img, s.meta.CID); err != nil {
 		os.RemoveAll(d)
 		return runtime.Snapshot{}, errs.Wrap(errs.Internal, err, "snapshot sandbox %s", id)
 	}
@@ -880,12 +912,88 @@ func (r *Runtime) Snapshot(ctx context.Context, id, snapshotID string) (runtime.
 	return runtime.Snapshot{ID: snapshotID, SandboxID: id, TemplateID: sm.TemplateID, CreatedAt: sm.CreatedAt, Dir: d}, nil
 }
 
-// DeleteSnapshot removes a snapshot.
-func (r *Runtime) DeleteSnapshot(ctx context.Context, snapshotID string) error {
-	if _, err := r.loadSnapshot(snapshotID); err != nil {
+// linkTree makes dst a copy of the flat directory src by hard links,
+// copying files that cannot be linked.
+func linkTree(src, dst string) error {
+	ents, err := os.ReadDir(src)
+	if err != nil {
 		return err
 	}
-	return os.RemoveAll(r.snapshotDir(snapshotID))
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			return fmt.Errorf("checkpoint %s: %s is not a regular file", src, e.Name())
+		}
+		from, to := filepath.Join(src, e.Name()), filepath.Join(dst, e.Name())
+		if os.Link(from, to) == nil {
+			continue
+		}
+		if err := copyFile(from, to); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func copyFile(from, to string) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// DeleteSnapshot removes a snapshot, also an incomplete one (its
+// meta.json goes first, so an interrupted deletion leaves an incomplete
+// snapshot, never a restorable half).
+func (r *Runtime) DeleteSnapshot(ctx context.Context, snapshotID string) error {
+	if !idRE.MatchString(snapshotID) {
+		return errs.E(errs.InvalidArgument, "bad snapshot id %q", snapshotID)
+	}
+	d := r.snapshotDir(snapshotID)
+	if fi, err := os.Stat(d); err != nil || !fi.IsDir() {
+		return errs.E(errs.NotFound, "snapshot %s not found", snapshotID)
+	}
+	if err := os.Remove(filepath.Join(d, "meta.json")); err != nil && !os.IsNotExist(err) {
+		return errs.Wrap(errs.Internal, err, "delete snapshot %s", snapshotID)
+	}
+	if err := os.RemoveAll(d); err != nil {
+		return errs.Wrap(errs.Internal, err, "delete snapshot %s", snapshotID)
+	}
+	return nil
+}
+
+// ListSnapshots implements runtime.SnapshotLister: the directories under
+// snapshots/, complete when their meta.json (written last) reads.
+func (r *Runtime) ListSnapshots(ctx context.Context) ([]runtime.SnapshotEntry, error) {
+	ents, err := os.ReadDir(filepath.Join(r.dir, "snapshots"))
+	if err != nil {
+		if os.IsNotExist(err) {
+			return nil, nil
+		}
+		return nil, errs.Wrap(errs.Internal, err, "list snapshots")
+	}
+	var out []runtime.SnapshotEntry
+	for _, e := range ents {
+		if !e.IsDir() || !idRE.MatchString(e.Name()) {
+			continue
+		}
+		var m snapshotMeta
+		ok := readJSON(filepath.Join(r.snapshotDir(e.Name()), "meta.json"), &m) == nil && m.ID == e.Name()
+		out = append(out, runtime.SnapshotEntry{ID: e.Name(), Complete: ok})
+	}
+	return out, nil
 }
 
 // Destroy stops the sandbox and removes everything it had. Unknown ids

@@ -5,8 +5,10 @@ package gvisor
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -435,4 +437,147 @@ func TestRealNetworkSlots(t *testing.T) {
 	}
 	rt.Close()
 	noLeaks(t, rt)
+}
+
+// TestSnapshotOfPaused: a paused sandbox's snapshot is its pause
+// checkpoint; the sandbox stays paused and resumable, the snapshot
+// restores the files written before the pause and outlives the next pause
+// and the sandbox itself.
+func TestSnapshotOfPaused(t *testing.T) {
+	rt := newRuntime(t, 0)
+	tid := bakeBase(t, rt)
+	ctx := context.Background()
+	sh := func(id, script string) string {
+		t.Helper()
+		res, err := conformance.Exec(ctx, rt, id, script)
+		if err != nil || res.ExitCode != 0 {
+			t.Fatalf("%s: %q: %+v %v", id, script, res, err)
+		}
+		return strings.TrimSpace(res.Stdout)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "orig", TemplateID: tid}); err != nil {
+		t.Fatal(err)
+	}
+	sh("orig", "echo before-pause > /tmp/marker")
+	if err := rt.Pause(ctx, "orig"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Snapshot(ctx, "orig", "snap-paused"); err != nil {
+		t.Fatalf("snapshot of paused: %v", err)
+	}
+	if _, err := rt.Snapshot(ctx, "orig", "snap-paused"); !errs.Is(err, errs.AlreadyExists) {
+		t.Fatalf("same snapshot id again: %v", err)
+	}
+	if l, _ := rt.List(ctx); len(l) != 1 || l[0].State != runtime.StatePaused {
+		t.Fatalf("after snapshot: %+v", l)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "child", SnapshotID: "snap-paused"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := sh("child", "cat /tmp/marker"); got != "before-pause" {
+		t.Fatalf("child sees %q", got)
+	}
+	if _, err := rt.Resume(ctx, "orig", runtime.NetSlot{}); err != nil {
+		t.Fatalf("resume after snapshot: %v", err)
+	}
+	if got := sh("orig", "cat /tmp/marker && echo after > /tmp/marker"); got != "before-pause" {
+		t.Fatalf("original sees %q", got)
+	}
+	// The next pause replaces the checkpoint; the snapshot is unaffected.
+	if err := rt.Pause(ctx, "orig"); err != nil {
+		t.Fatal(err)
+	}
+	if err := rt.Destroy(ctx, "orig"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "child2", SnapshotID: "snap-paused"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := sh("child2", "cat /tmp/marker"); got != "before-pause" {
+		t.Fatalf("second child sees %q", got)
+	}
+	for _, id := range []string{"child", "child2"} {
+		rt.Destroy(ctx, id)
+	}
+	if err := rt.DeleteSnapshot(ctx, "snap-paused"); err != nil {
+		t.Fatal(err)
+	}
+	noLeaks(t, rt)
+}
+
+// TestListAndDeleteIncompleteSnapshots: a snapshot directory without its
+// meta.json (a checkpoint interrupted by a crash) is listed incomplete and
+// DeleteSnapshot removes it; a complete one is listed complete.
+func TestListAndDeleteIncompleteSnapshots(t *testing.T) {
+	rt := newRuntime(t, 0)
+	ctx := context.Background()
+	half := rt.snapshotDir("half")
+	if err := os.MkdirAll(filepath.Join(half, "image"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(half, "image", "pages.img"), []byte("partial"), 0o644)
+	full := rt.snapshotDir("full")
+	os.MkdirAll(filepath.Join(full, "image"), 0o755)
+	if err := writeJSON(filepath.Join(full, "meta.json"), snapshotMeta{ID: "full"}); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(rt.dir, "snapshots", "stray-file"), nil, 0o644)
+	l, err := rt.ListSnapshots(ctx)
+	if err != nil || fmt.Sprint(l) != "[{full true} {half false}]" {
+		t.Fatalf("list %v %v", l, err)
+	}
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "x", SnapshotID: "half"}); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("create from an incomplete snapshot: %v", err)
+	}
+	for _, id := range []string{"half", "full"} {
+		if err := rt.DeleteSnapshot(ctx, id); err != nil {
+			t.Fatalf("delete %s: %v", id, err)
+		}
+	}
+	if err := rt.DeleteSnapshot(ctx, "half"); !errs.Is(err, errs.NotFound) {
+		t.Fatalf("delete again: %v", err)
+	}
+	if err := rt.DeleteSnapshot(ctx, "../x"); !errs.Is(err, errs.InvalidArgument) {
+		t.Fatalf("delete bad id: %v", err)
+	}
+	if l, _ := rt.ListSnapshots(ctx); len(l) != 0 {
+		t.Fatalf("left %v", l)
+	}
+}
+
+// BenchmarkStats: the cost of one metrics sample of a running sandbox
+// (cgroup reads, what the node's metrics loop does every interval) against
+// the peer, asking the sandbox's agent (envd GET /metrics over Dial, on a
+// kept-alive connection).
+func BenchmarkStats(b *testing.B) {
+	rt := newRuntime(b, 0)
+	tid := bakeBase(b, rt)
+	ctx := context.Background()
+	if _, err := rt.Create(ctx, runtime.CreateSpec{ID: "bench", TemplateID: tid}); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("cgroups", func(b *testing.B) {
+		for range b.N {
+			if _, err := rt.Stats(ctx, "bench"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("agent-http", func(b *testing.B) {
+		c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return rt.Dial(ctx, "bench", runtime.EnvdPort)
+		}}}
+		defer c.CloseIdleConnections()
+		for range b.N {
+			res, err := c.Get("http://sandbox/metrics")
+			if err != nil {
+				b.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if res.StatusCode != 200 {
+				b.Fatalf("agent /metrics: %d", res.StatusCode)
+			}
+		}
+	})
 }

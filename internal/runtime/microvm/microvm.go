@@ -41,6 +41,7 @@ import (
 
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/runtime"
+	"github.com/cubesandbox/cube/internal/runtime/readycheck"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
 	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
 	"github.com/cubesandbox/cube/internal/vmm/vmmspec"
@@ -369,18 +370,55 @@ func (r *Runtime) BakeTemplate(ctx context.Context, t runtime.Template) error {
 	}
 	bctx, cancel := context.WithTimeout(ctx, r.o.BootTimeout)
 	defer cancel()
+	// The template's env, workdir and start command become the agent's
+	// before the snapshot: the agent starts the command on this /init,
+	// which therefore comes first when there is one (the probe may be the
+	// port it serves; agentInit waits for the agent).
+	initAgent := func() error {
+		env := t.AgentEnv()
+		if len(env) == 0 && t.Workdir == "" {
+			return nil
+		}
+		body := initBody(env, "")
+		if t.Workdir != "" {
+			body["defaultWorkdir"] = t.Workdir
+		}
+		return agentInit(bctx, o.VsockUDS, body)
+	}
+	if len(t.StartCmd) > 0 {
+		if err := initAgent(); err != nil {
+			return errs.Wrap(errs.Timeout, err, "template %s: agent init (serial log %s)", t.ID, o.SerialLog)
+		}
+	}
+	// A start command that ends fails the probes at once (they may wait
+	// on the port it should serve).
+	probeCtx, stopWatch := bctx, context.CancelFunc(func() {})
+	if len(t.StartCmd) > 0 {
+		probeCtx, stopWatch = readycheck.WhileRunning(bctx, func(ctx context.Context) (net.Conn, error) { return DialVsock(ctx, o.VsockUDS, runtime.EnvdPort) })
+	}
+	defer stopWatch()
 	for _, p := range append([]int{port}, t.ExtraProbes...) {
 		pp := path
 		if p != port {
 			pp = "/health"
 		}
-		if err := probe(bctx, o.VsockUDS, p, pp); err != nil {
+		if err := probe(probeCtx, o.VsockUDS, p, pp); err != nil {
+			if ended := readycheck.Ended(probeCtx); ended != nil {
+				return errs.Wrap(errs.FailedPrecondition, ended, "template %s: probe port %d", t.ID, p)
+			}
 			return errs.Wrap(errs.Timeout, err, "template %s: probe port %d (serial log %s)", t.ID, p, o.SerialLog)
 		}
 	}
-	if len(t.Env) > 0 {
-		if err := agentInit(bctx, o.VsockUDS, initBody(t.Env, "")); err != nil {
+	if len(t.StartCmd) == 0 {
+		if err := initAgent(); err != nil {
 			return err
+		}
+	}
+	if len(t.StartCmd) > 0 || t.ReadyCmd != "" {
+		progress("ready")
+		dial := func(ctx context.Context) (net.Conn, error) { return DialVsock(ctx, o.VsockUDS, runtime.EnvdPort) }
+		if err := readycheck.Wait(ctx, dial, t); err != nil {
+			return errs.Wrap(errs.KindOf(err), err, "template %s", t.ID)
 		}
 	}
 	progress("snapshotting")

@@ -458,6 +458,15 @@ func (r *Runtime) Dial(ctx context.Context, id string, port int) (net.Conn, erro
 	return r.mgr.Dial(ctx, slot, port)
 }
 
+// ListSnapshots passes runtime.SnapshotLister through to the inner
+// runtime (Unimplemented when it cannot list its snapshots).
+func (r *Runtime) ListSnapshots(ctx context.Context) ([]runtime.SnapshotEntry, error) {
+	if sl, ok := r.Runtime.(runtime.SnapshotLister); ok {
+		return sl.ListSnapshots(ctx)
+	}
+	return nil, errs.E(errs.Unimplemented, "runtime %s does not list its snapshots", r.Runtime.Name())
+}
+
 // Close closes the inner runtime and then the manager: sandboxes keep
 // running and their slots stay in place for the next process to adopt.
 func (r *Runtime) Close() error {

@@ -312,6 +312,19 @@ func (f *Fake) Snapshot(ctx context.Context, id, snapshotID string) (runtime.Sna
 	return s, nil
 }
 
+// ListSnapshots implements runtime.SnapshotLister (every snapshot of the
+// fake is complete).
+func (f *Fake) ListSnapshots(ctx context.Context) ([]runtime.SnapshotEntry, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]runtime.SnapshotEntry, 0, len(f.snaps))
+	for id := range f.snaps {
+		out = append(out, runtime.SnapshotEntry{ID: id, Complete: true})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
 func (f *Fake) DeleteSnapshot(ctx context.Context, snapshotID string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
