@@ -85,6 +85,9 @@ func NewControl(ctx context.Context, cfg ControlConfig, st *store.Store, m *mast
 		}
 		used := 0
 		for _, sb := range sbs {
+			// The stored updatedAt is the control's write time, not the
+			// node's: let the node's next report of it win.
+			sb.UpdatedAt = time.Time{}
 			r.sbs[sb.ID] = sb
 			if sb.State != store.StatePaused {
 				used++
