@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -142,6 +144,7 @@ See docs/cluster.md.`,
 				return runNode(cmd, cfg, join, advertise, id)
 			},
 		}
+		c.AddCommand(nodesListCmd())
 		f := c.Flags()
 		f.StringVar(&join, "join", "", "URL of the control (cube server --role=control), e.g. http://control:3000")
 		f.StringVar(&advertise, "advertise", "", "host:port the control reaches this node's API at (default: hostname and the --listen port)")
@@ -234,4 +237,60 @@ func runNode(cmd *cobra.Command, cfg config.Config, join, advertise, idFlag stri
 	defer cancel()
 	hs.Shutdown(sctx)
 	return nil
+}
+
+// nodesListCmd is `cube node list`: the control's view of its nodes.
+func nodesListCmd() *cobra.Command {
+	var control, token string
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "list",
+		Short: "List the nodes of a cluster as the control sees them (GET /cluster/v1/nodes)",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := loadConfig()
+			if err != nil {
+				return err
+			}
+			if token == "" {
+				token = cfg.ClusterToken
+			}
+			req, err := http.NewRequestWithContext(cmd.Context(), "GET", strings.TrimRight(control, "/")+"/cluster/v1/nodes", nil)
+			if err != nil {
+				return errs.Wrap(errs.InvalidArgument, err, "--control %q", control)
+			}
+			req.Header.Set("Authorization", "Bearer "+token)
+			res, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+			if err != nil {
+				return errs.Wrap(errs.Unavailable, err, "the control at %s is unreachable", control)
+			}
+			defer res.Body.Close()
+			b, _ := io.ReadAll(io.LimitReader(res.Body, 8<<20))
+			if res.StatusCode != http.StatusOK {
+				k := errs.Unavailable
+				if res.StatusCode == http.StatusUnauthorized {
+					k = errs.Unauthenticated
+				}
+				return errs.E(k, "control answered %d: %s", res.StatusCode, strings.TrimSpace(string(b)))
+			}
+			if asJSON {
+				cmd.OutOrStdout().Write(b)
+				return nil
+			}
+			var ns []cluster.NodeStatus
+			if err := json.Unmarshal(b, &ns); err != nil {
+				return errs.Wrap(errs.Internal, err, "decode the node list")
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "%-24s %-6s %-22s %-8s %9s %9s  %s\n", "ID", "STATE", "ADDRESS", "RUNTIME", "SANDBOXES", "FREE/CAP", "HEARTBEAT")
+			for _, n := range ns {
+				fmt.Fprintf(w, "%-24s %-6s %-22s %-8s %9d %4d/%-4d  %s ago\n", n.ID, n.State, n.Address, n.Runtime, n.Sandboxes,
+					n.Free, n.Capacity, time.Since(n.HeartbeatAt).Round(time.Second))
+			}
+			return nil
+		},
+	}
+	c.Flags().StringVar(&control, "control", "http://localhost:3000", "URL of the control")
+	c.Flags().StringVar(&token, "cluster-token", "", "the cluster token (default: config clusterToken / CUBE_CLUSTER_TOKEN)")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the JSON answer")
+	return c
 }

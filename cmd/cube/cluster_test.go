@@ -233,6 +233,31 @@ func TestClusterGVisor(t *testing.T) {
 		n.p.await(t, "cube node "+n.id+" joined", 15*time.Minute) // bakes the base template
 	}
 
+	// `cube node list` shows both nodes ready.
+	nodeStates := func() map[string]string {
+		cmd := exec.Command(cube, "node", "list", "--control", ctlURL, "--cluster-token", tok, "--json")
+		cmd.Env = env
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("cube node list: %v", err)
+		}
+		var ns []struct{ ID, State string }
+		if err := json.Unmarshal(out, &ns); err != nil {
+			t.Fatalf("cube node list: %v %s", err, out)
+		}
+		m := map[string]string{}
+		for _, n := range ns {
+			m[n.ID] = n.State
+		}
+		return m
+	}
+	if st := nodeStates(); st["n1"] != "ready" || st["n2"] != "ready" || len(st) != 2 {
+		t.Fatalf("cube node list: %v", st)
+	}
+	if out, err := exec.Command(cube, "node", "list", "--control", ctlURL, "--cluster-token", "wrong").CombinedOutput(); err == nil || !strings.Contains(string(out), "401") {
+		t.Fatalf("cube node list with a wrong token: %v %s", err, out)
+	}
+
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	cl := cubeclient.New(ctlURL, ctlURL, key)
@@ -322,6 +347,9 @@ func TestClusterGVisor(t *testing.T) {
 			t.Fatalf("the sandbox of the dead node is still listed: %+v", l)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	if st := nodeStates(); st["n2"] != "down" || st["n1"] != "ready" {
+		t.Fatalf("cube node list after n2 died: %v", st)
 	}
 	t0 := time.Now()
 	if _, err := exec(on2); err == nil || time.Since(t0) > 5*time.Second {

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -109,11 +110,12 @@ func NewControl(ctx context.Context, cfg ControlConfig, st *store.Store, m *mast
 func (c *Control) SetClock(now func() time.Time) { c.now = now }
 
 // Handler serves /cluster/v1/ (nodes' heartbeats; ping, which checks the
-// token), token required.
+// token; nodes, the operator's view), token required.
 func (c *Control) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /cluster/v1/heartbeat", c.heartbeat)
 	mux.HandleFunc("GET /cluster/v1/ping", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	mux.HandleFunc("GET /cluster/v1/nodes", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, c.Status()) })
 	return requireToken(c.cfg.Token, mux)
 }
 
@@ -125,6 +127,35 @@ func (c *Control) Nodes() map[string]*RemoteNode {
 	for k, v := range c.nodes {
 		out[k] = v
 	}
+	return out
+}
+
+// NodeStatus is one node as the control sees it (GET /cluster/v1/nodes).
+type NodeStatus struct {
+	ID          string    `json:"id"`
+	Address     string    `json:"address"`
+	Runtime     string    `json:"runtime"`
+	State       string    `json:"state"` // ready | down
+	Capacity    int       `json:"capacity"`
+	Free        int       `json:"free"`
+	Sandboxes   int       `json:"sandboxes"` // live ones
+	HeartbeatAt time.Time `json:"heartbeatAt"`
+}
+
+// Status lists the nodes by id.
+func (c *Control) Status() []NodeStatus {
+	out := []NodeStatus{}
+	for _, r := range c.Nodes() {
+		r.mu.Lock()
+		st := NodeStatus{ID: r.id, Address: r.addr, Runtime: r.rt, State: "ready", Capacity: r.capacity, Free: max(r.free, 0),
+			Sandboxes: len(r.sbs), HeartbeatAt: r.lastSeen.UTC()}
+		if r.down {
+			st.State, st.Free = "down", 0
+		}
+		r.mu.Unlock()
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
 
