@@ -194,7 +194,7 @@ func TestClusterGVisor(t *testing.T) {
 	const tok = "e2e-cluster-token"
 	// serverEnv's CUBE_AGENT=/nonexistent comes first; the later one wins.
 	env := serverEnv("CUBE_AGENT="+filepath.Join(bins, "cube-agent"), "CUBE_RUNSC="+runsc, "CUBE_CACHE_DIR="+cfg.CacheDir,
-		"CUBE_BUILTIN_TEMPLATES=base", "CUBE_HEARTBEAT_INTERVAL=250ms", "CUBE_NODE_DOWN_AFTER=2s")
+		"CUBE_BUILTIN_TEMPLATES=base", "CUBE_HEARTBEAT_INTERVAL=250ms", "CUBE_NODE_DOWN_AFTER=3s")
 
 	ctlDir := t.TempDir()
 	ctlAddr := freeAddr(t)

@@ -47,7 +47,7 @@ func startControlDB(t testing.TB, dir, dbURL, addr string) *control {
 	t.Helper()
 	cfg := config.Default()
 	cfg.DataDir, cfg.DatabaseURL, cfg.Role, cfg.ClusterToken = dir, dbURL, "control", token
-	cfg.HeartbeatInterval, cfg.NodeDownAfter = 50*time.Millisecond, 400*time.Millisecond
+	cfg.HeartbeatInterval, cfg.NodeDownAfter = 50*time.Millisecond, 1500*time.Millisecond
 	s, err := server.NewControl(context.Background(), cfg, logging.Discard())
 	if err != nil {
 		t.Fatal(err)
