@@ -84,17 +84,12 @@ func NewControl(ctx context.Context, cfg ControlConfig, st *store.Store, m *mast
 		if err != nil {
 			return nil, err
 		}
-		used := 0
 		for _, sb := range sbs {
 			// The stored updatedAt is the control's write time, not the
 			// node's: let the node's next report of it win.
 			sb.UpdatedAt = time.Time{}
 			r.sbs[sb.ID] = sb
-			if sb.State != store.StatePaused {
-				used++
-			}
 		}
-		r.free = r.capacity - used
 		c.nodes[rec.ID] = r
 		m.Add(r)
 	}
@@ -147,7 +142,7 @@ func (c *Control) Status() []NodeStatus {
 	out := []NodeStatus{}
 	for _, r := range c.Nodes() {
 		r.mu.Lock()
-		st := NodeStatus{ID: r.id, Address: r.addr, Runtime: r.rt, State: "ready", Capacity: r.capacity, Free: max(r.free, 0),
+		st := NodeStatus{ID: r.id, Address: r.addr, Runtime: r.rt, State: "ready", Capacity: r.capacity, Free: max(r.capacity-r.usedLocked(), 0),
 			Sandboxes: len(r.sbs), HeartbeatAt: r.lastSeen.UTC()}
 		if r.down {
 			st.State, st.Free = "down", 0
@@ -260,7 +255,7 @@ func (c *Control) Report(ctx context.Context, rep *Report) error {
 	r.mu.Lock()
 	wasDown := r.down
 	moved := r.addr != "" && r.addr != rep.Address
-	r.addr, r.rt, r.capacity, r.free, r.lastSeen, r.down = rep.Address, rep.Runtime, rep.Capacity, rep.Free, now, false
+	r.addr, r.rt, r.capacity, r.lastSeen, r.down = rep.Address, rep.Runtime, rep.Capacity, now, false
 	r.ready = map[string]bool{}
 	for _, t := range rep.Templates {
 		if t.State == "ready" {

@@ -31,7 +31,7 @@ type RemoteNode struct {
 	addr     string
 	rt       string
 	capacity int
-	free     int
+	inflight map[string]bool // creates sent, not answered yet (guarded by mu)
 	lastSeen time.Time
 	down     bool
 	sbs      map[string]*store.Sandbox // live sandboxes (guarded by mu)
@@ -60,7 +60,7 @@ var (
 )
 
 func newRemote(c *Control, id string) *RemoteNode {
-	return &RemoteNode{c: c, id: id, sbs: map[string]*store.Sandbox{}, ended: map[string]time.Time{}}
+	return &RemoteNode{c: c, id: id, sbs: map[string]*store.Sandbox{}, ended: map[string]time.Time{}, inflight: map[string]bool{}}
 }
 
 // ID returns the node id.
@@ -87,15 +87,29 @@ func (r *RemoteNode) Capacity() int {
 	return r.capacity
 }
 
-// Free is the free slots the node reported, less the creates sent since;
-// 0 when the node is down.
+// Free is the capacity the node reported less the slots its sandboxes
+// hold as the control knows them (creating, running, pausing, resuming,
+// and creates in flight). Counting from the mirrored records, which never
+// go back to an older version, keeps a report made before a create from
+// freeing its slot again. 0 when the node is down.
 func (r *RemoteNode) Free() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.down {
 		return 0
 	}
-	return r.free
+	return r.capacity - r.usedLocked()
+}
+
+// usedLocked counts the slots in use. Caller holds r.mu.
+func (r *RemoteNode) usedLocked() int {
+	used := 0
+	for id, sb := range r.sbs {
+		if sb.State != store.StatePaused && !r.inflight[id] {
+			used++
+		}
+	}
+	return used + len(r.inflight)
 }
 
 // Get returns the live sandbox id as last reported; NotFound if the node
@@ -187,11 +201,15 @@ func (r *RemoteNode) op(ctx context.Context, method, id, rest string, in any) (*
 // Create forwards a create.
 func (r *RemoteNode) Create(ctx context.Context, req node.CreateRequest) (*store.Sandbox, error) {
 	r.mu.Lock()
-	r.free--
+	r.inflight[req.ID] = true
 	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.inflight, req.ID)
+		r.mu.Unlock()
+	}()
 	var sb store.Sandbox
 	if err := r.call(ctx, "POST", "/node/v1/sandboxes", req, &sb); err != nil {
-		r.slots(+1)
 		r.c.refresh(r, req.ID) // it may have been recorded failed
 		return nil, err
 	}
@@ -199,40 +217,21 @@ func (r *RemoteNode) Create(ctx context.Context, req node.CreateRequest) (*store
 	return &sb, nil
 }
 
-// slots adjusts the free-slot estimate between heartbeats (which set
-// it to the node's own count).
-func (r *RemoteNode) slots(d int) {
-	r.mu.Lock()
-	r.free = min(r.free+d, r.capacity)
-	r.mu.Unlock()
-}
-
 // Kill forwards a kill.
 func (r *RemoteNode) Kill(ctx context.Context, id string) error {
-	prev, _ := r.Get(id)
 	_, err := r.op(ctx, "DELETE", id, "", nil)
-	if err == nil && prev != nil && prev.State != store.StatePaused {
-		r.slots(+1)
-	}
 	return err
 }
 
 // Pause forwards a pause.
 func (r *RemoteNode) Pause(ctx context.Context, id string) error {
 	_, err := r.op(ctx, "POST", id, "/pause", nil)
-	if err == nil {
-		r.slots(+1)
-	}
 	return err
 }
 
 // Resume forwards a resume.
 func (r *RemoteNode) Resume(ctx context.Context, id string, timeout time.Duration) (*store.Sandbox, error) {
-	sb, err := r.op(ctx, "POST", id, "/resume", durationBody{MS: timeout.Milliseconds()})
-	if err == nil {
-		r.slots(-1)
-	}
-	return sb, err
+	return r.op(ctx, "POST", id, "/resume", durationBody{MS: timeout.Milliseconds()})
 }
 
 // Connect forwards a connect.
