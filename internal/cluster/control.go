@@ -324,6 +324,12 @@ func (c *Control) mirror(r *RemoteNode, sb *store.Sandbox) {
 	if sb == nil || sb.NodeID != r.id {
 		return
 	}
+	// The node's records come from its cache (ns) or its store (ms):
+	// compare at the store's precision. On a tie the record that arrives
+	// later wins, except over an ended one.
+	in := *sb
+	in.UpdatedAt = in.UpdatedAt.Truncate(time.Millisecond)
+	sb = &in
 	l := c.writeLock(r.id)
 	l.Lock()
 	defer l.Unlock()
