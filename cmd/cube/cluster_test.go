@@ -217,16 +217,34 @@ func TestClusterGVisor(t *testing.T) {
 
 	type nodeProc struct {
 		id, dir, addr string
+		env           []string
 		p             *proc
 	}
+	// Each node gets network slots of its own (names and host addresses),
+	// as two nodes on one host must.
+	pid := os.Getpid()
+	nodeEnv := func(id string) []string {
+		i := int(id[1] - '0')
+		return append(append([]string{}, env...), fmt.Sprintf("CUBE_SLOT_PREFIX=k%d%s", pid%10000, id),
+			fmt.Sprintf("CUBE_SLOT_HOST_RANGE=10.%d.%d.0/24", 230+i, pid%250), "CUBE_SLOT_POOL_SIZE=1")
+	}
 	startNode := func(n *nodeProc) {
-		n.p = startProc(t, cube, filepath.Join(n.dir, "node.log"), env, "--data-dir", n.dir, "node", "--join", ctlURL,
-			"--cluster-token", tok, "--id", n.id, "--listen", n.addr, "--advertise", n.addr, "--network-slots=false",
+		n.p = startProc(t, cube, filepath.Join(n.dir, "node.log"), n.env, "--data-dir", n.dir, "node", "--join", ctlURL,
+			"--cluster-token", tok, "--id", n.id, "--listen", n.addr, "--advertise", n.addr,
 			"--max-sandboxes", "4")
 	}
 	nodes := []*nodeProc{{id: "n1", dir: t.TempDir(), addr: freeAddr(t)}, {id: "n2", dir: t.TempDir(), addr: freeAddr(t)}}
 	for _, n := range nodes {
-		t.Cleanup(func() { cleanRunsc(runsc, n.dir) })
+		n.env = nodeEnv(n.id)
+		t.Cleanup(func() {
+			cleanRunsc(runsc, n.dir)
+			// The slots and the host table of the node's prefix.
+			purge := exec.Command(cube, "--data-dir", n.dir, "net", "purge")
+			purge.Env = n.env
+			if out, err := purge.CombinedOutput(); err != nil {
+				t.Logf("cube net purge (%s): %v %s", n.id, err, out)
+			}
+		})
 		startNode(n)
 	}
 	for _, n := range nodes {
