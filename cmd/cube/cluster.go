@@ -197,7 +197,8 @@ func runNode(cmd *cobra.Command, cfg config.Config, join, advertise, idFlag stri
 		return err
 	}
 	defer rt.Close()
-	n := node.New(node.Config{ID: id, Capacity: cfg.MaxSandboxes}, rt, st, log)
+	n := node.New(node.Config{ID: id, Capacity: cfg.MaxSandboxes,
+		MetricsInterval: cfg.MetricsInterval, MetricsRetention: cfg.MetricsRetention}, rt, st, log)
 	if err := n.Start(ctx); err != nil {
 		return err
 	}

@@ -418,3 +418,51 @@ func TestClusterToken(t *testing.T) {
 		t.Fatalf("register with a wrong token: %v", err)
 	}
 }
+
+// Snapshots taken through the control survive a restart of their node
+// (the node's start-up sweep must not take them for leftovers); one
+// deleted through the control is gone from the node.
+func TestSnapshotSurvivesNodeRestart(t *testing.T) {
+	ctx := context.Background()
+	c := startControl(t, t.TempDir(), "")
+	key, _, _ := c.s.Store.CreateAPIKey(ctx, "k")
+	tn := startNode(t, "n1", 4, c.url())
+	cl := client.New(c.url(), c.url(), key)
+	sb, err := cl.Create(ctx, "base", client.CreateOptions{Timeout: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	call := func(method, path, body string, want int) []byte {
+		t.Helper()
+		req, _ := http.NewRequest(method, c.url()+path, strings.NewReader(body))
+		req.Header.Set("X-API-Key", key)
+		req.Header.Set("Content-Type", "application/json")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		if res.StatusCode != want {
+			t.Fatalf("%s %s: %d %s", method, path, res.StatusCode, b)
+		}
+		return b
+	}
+	var keep, drop struct{ SnapshotID string }
+	json.Unmarshal(call("POST", "/sandboxes/"+sb.SandboxID+"/snapshots", `{"name":"keep"}`, http.StatusCreated), &keep)
+	json.Unmarshal(call("POST", "/sandboxes/"+sb.SandboxID+"/snapshots", `{}`, http.StatusCreated), &drop)
+	call("DELETE", "/templates/"+drop.SnapshotID, "", http.StatusNoContent)
+
+	// Restart the node's lifecycle on the same store and runtime: the
+	// reconciler and the sweep run again.
+	tn.n.Stop()
+	n2 := node.New(node.Config{ID: "n1", Capacity: 4}, tn.rt, tn.st, logging.Discard())
+	if err := n2.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer n2.Stop()
+	snaps := strings.Join(tn.rt.Snapshots(), ",")
+	if !strings.Contains(snaps, keep.SnapshotID) || strings.Contains(snaps, drop.SnapshotID) {
+		t.Fatalf("after a node restart the runtime has snapshots %q; want %s and not %s", snaps, keep.SnapshotID, drop.SnapshotID)
+	}
+}

@@ -197,18 +197,37 @@ func (s *NodeServer) snapshot(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, errs.E(errs.InvalidArgument, "snapshotID is required"))
 		return
 	}
-	snap, err := s.n.Snapshot(r.Context(), r.PathValue("id"), b.SnapshotID)
+	id := r.PathValue("id")
+	snap, err := s.n.Snapshot(r.Context(), id, b.SnapshotID)
 	if err != nil {
 		writeErr(w, err)
 		return
+	}
+	// The control records the snapshot (owner, names); the node keeps a
+	// record too, so that its start-up sweep (node.SweepSnapshots) does
+	// not take the snapshot for an interrupted one's leftover.
+	if sb, err := s.n.Get(id); err == nil {
+		rec := &store.Snapshot{ID: b.SnapshotID, KeyID: sb.KeyID, SandboxID: id, TemplateID: sb.TemplateID, NodeID: s.n.ID()}
+		if err := s.n.Store().CreateSnapshot(context.WithoutCancel(r.Context()), rec); err != nil {
+			s.log.Warn("record snapshot on the node", "snapshot", b.SnapshotID, "err", err)
+		}
 	}
 	writeJSON(w, http.StatusOK, snap)
 }
 
 func (s *NodeServer) deleteSnapshot(w http.ResponseWriter, r *http.Request) {
-	if err := s.n.DeleteSnapshot(r.Context(), r.PathValue("id")); err != nil {
+	id := r.PathValue("id")
+	if err := s.n.DeleteSnapshot(r.Context(), id); err != nil {
 		writeErr(w, err)
 		return
+	}
+	ctx := context.WithoutCancel(r.Context())
+	if recs, err := s.n.Store().NodeSnapshots(ctx, s.n.ID()); err == nil {
+		for _, rec := range recs {
+			if rec.ID == id {
+				s.n.Store().DeleteSnapshot(ctx, rec.KeyID, rec.ID)
+			}
+		}
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
