@@ -466,3 +466,41 @@ func TestSnapshotSurvivesNodeRestart(t *testing.T) {
 		t.Fatalf("after a node restart the runtime has snapshots %q; want %s and not %s", snaps, keep.SnapshotID, drop.SnapshotID)
 	}
 }
+
+// A paused sandbox created with autoResume is resumed on its node by
+// traffic through the control's proxy.
+func TestAutoResumeThroughControl(t *testing.T) {
+	ctx := context.Background()
+	c := startControl(t, t.TempDir(), "")
+	key, _, _ := c.s.Store.CreateAPIKey(ctx, "k")
+	tn := startNode(t, "n1", 4, c.url())
+	req, _ := http.NewRequest("POST", c.url()+"/v2/sandboxes", strings.NewReader(`{"templateID":"base","timeout":600,"autoPause":true,"autoResume":{"enabled":true}}`))
+	req.Header.Set("X-API-Key", key)
+	req.Header.Set("Content-Type", "application/json")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sb struct{ SandboxID string }
+	json.NewDecoder(res.Body).Decode(&sb)
+	res.Body.Close()
+	if res.StatusCode != http.StatusCreated {
+		t.Fatalf("create: %d", res.StatusCode)
+	}
+	cl := client.New(c.url(), c.url(), key)
+	if err := cl.Pause(ctx, sb.SandboxID); err != nil {
+		t.Fatal(err)
+	}
+	if st := listStates(t, cl)[sb.SandboxID]; st != "paused" {
+		t.Fatalf("after pause: %q", st)
+	}
+	if code, body := who(t, c.url(), sb.SandboxID); code != 200 || body != sb.SandboxID+":49983" {
+		t.Fatalf("proxy to a paused autoResume sandbox: %d %q", code, body)
+	}
+	if got, err := tn.n.Get(sb.SandboxID); err != nil || got.State != store.StateRunning {
+		t.Fatalf("on the node after auto-resume: %v %v", got, err)
+	}
+	if st := listStates(t, cl)[sb.SandboxID]; st != "running" {
+		t.Fatalf("listed after auto-resume: %q", st)
+	}
+}
