@@ -106,6 +106,9 @@ func init() {
 				if cmd.Flags().Changed("max-sandboxes") {
 					cfg.MaxSandboxes = maxSandboxes
 				}
+				if err := clusterFlags(cmd, &cfg); err != nil {
+					return err
+				}
 				return runServer(cmd, cfg)
 			},
 		}
@@ -118,6 +121,8 @@ func init() {
 		f.StringVar(&rtName, "runtime", "auto", "sandbox runtime: auto, gvisor or microvm")
 		f.String("ui-dir", "", "serve the web UI at /ui/ from this directory (default: the embedded dashboard)")
 		f.IntVar(&maxSandboxes, "max-sandboxes", 64, "sandboxes this node runs at once (paused ones excluded)")
+		f.String("role", "all", "all: API + proxy + scheduler + a local node; control: no local node, nodes join with `cube node --join` (docs/cluster.md)")
+		f.String("cluster-token", "", "shared secret of the control and its nodes (--role=control; default: config clusterToken / CUBE_CLUSTER_TOKEN)")
 		f.BoolVar(&useNetSlots, "network-slots", true, "give each sandbox a network slot (internal/network): NAT egress and its egress policy; --network-slots=false: a loopback-only namespace per sandbox and the policy is only stored")
 		return c
 	})
@@ -130,24 +135,36 @@ func runServer(cmd *cobra.Command, cfg config.Config) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return errs.Wrap(errs.Internal, err, "create data dir %s", cfg.DataDir)
 	}
-	rt, err := pickRuntime(ctx, cfg, log)
-	if err != nil {
-		return err
-	}
-	defer rt.Close()
-	log.Info("runtime", "name", rt.Name())
-	s, err := server.New(ctx, cfg, rt, log)
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	for _, ensure := range templateEnsurers {
-		if err := ensure(ctx, cfg, rt, s.Store, log); err != nil {
+	var s *server.Server
+	rtName := "none (control: sandboxes run on the nodes that join)"
+	if cfg.Role == "control" {
+		cs, err := server.NewControl(ctx, cfg, log)
+		if err != nil {
 			return err
 		}
-	}
-	if len(templateEnsurers) == 0 {
-		log.Warn("no template builder in this build: only templates already in the store can be used")
+		s = cs
+		defer s.Close()
+	} else {
+		rt, err := pickRuntime(ctx, cfg, log)
+		if err != nil {
+			return err
+		}
+		defer rt.Close()
+		log.Info("runtime", "name", rt.Name())
+		s, err = server.New(ctx, cfg, rt, log)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		for _, ensure := range templateEnsurers {
+			if err := ensure(ctx, cfg, rt, s.Store, log); err != nil {
+				return err
+			}
+		}
+		if len(templateEnsurers) == 0 {
+			log.Warn("no template builder in this build: only templates already in the store can be used")
+		}
+		rtName = rt.Name()
 	}
 	key, err := s.EnsureAPIKey(ctx)
 	if err != nil {
@@ -177,6 +194,6 @@ func runServer(cmd *cobra.Command, cfg config.Config) error {
 	}
 	server.PrintExports(out, url, key)
 	fmt.Fprintf(out, "# then, for example: node -e \"const {Sandbox}=require('e2b'); Sandbox.create().then(async s=>{console.log((await s.commands.run('uname -a')).stdout); await s.kill()})\"\n")
-	log.Info("cube server listening", "url", url, "addr", ln.Addr().String(), "runtime", rt.Name(), "store", s.Store.Dialect())
+	log.Info("cube server listening", "url", url, "addr", ln.Addr().String(), "role", cfg.Role, "runtime", rtName, "store", s.Store.Dialect())
 	return s.Serve(ctx, ln)
 }

@@ -113,6 +113,9 @@ func ensureBuiltinTemplates(ctx context.Context, c config.Config, rt runtime.Run
 			}
 		}}
 	for _, name := range template.BuiltinNames() {
+		if !builtinWanted(c, name) {
+			continue
+		}
 		start := time.Now()
 		r, err := b.CreateBuiltin(ctx, name)
 		if err != nil {

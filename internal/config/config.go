@@ -36,6 +36,20 @@ type Config struct {
 	// embedded dashboard (internal/ui).
 	UIDir string `json:"uiDir" env:"CUBE_UI_DIR" default:""`
 
+	// Cluster settings (docs/cluster.md). Role of `cube server`: all
+	// (API + proxy + scheduler + a local node) | control (no local node;
+	// nodes join with `cube node --join`).
+	Role string `json:"role" env:"CUBE_ROLE" default:"all"`
+	// ClusterToken is the shared secret of the control and its nodes.
+	ClusterToken string `json:"clusterToken" env:"CUBE_CLUSTER_TOKEN" default:""`
+	// HeartbeatInterval is how often nodes report to the control.
+	HeartbeatInterval time.Duration `json:"heartbeatInterval" env:"CUBE_HEARTBEAT_INTERVAL" default:"2s"`
+	// NodeDownAfter is the silence after which the control marks a node down.
+	NodeDownAfter time.Duration `json:"nodeDownAfter" env:"CUBE_NODE_DOWN_AFTER" default:"6s"`
+	// BuiltinTemplates limits the built-in templates prepared at start
+	// (comma-separated names; empty = all).
+	BuiltinTemplates string `json:"builtinTemplates" env:"CUBE_BUILTIN_TEMPLATES" default:""`
+
 	// Node settings.
 	Runtime        string        `json:"runtime" env:"CUBE_RUNTIME" default:"auto"` // auto | microvm | gvisor
 	MaxSandboxes   int           `json:"maxSandboxes" env:"CUBE_MAX_SANDBOXES" default:"64"`

@@ -59,6 +59,13 @@ func New(st *store.Store, nodes ...Node) *Master {
 	return m
 }
 
+// Add registers n (replacing a node with the same id).
+func (m *Master) Add(n Node) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.nodes[n.ID()] = n
+}
+
 // Nodes returns the nodes, by id.
 func (m *Master) Nodes() []Node {
 	m.mu.RLock()
@@ -86,7 +93,7 @@ func (m *Master) Node(id string) (Node, error) {
 // node is gone, ResourceExhausted with a retry hint if it is full.
 func (m *Master) CreateOn(ctx context.Context, nodeID string, req node.CreateRequest) (*store.Sandbox, error) {
 	n, err := m.Node(nodeID)
-	if err != nil {
+	if err != nil || !up(n) {
 		return nil, &errs.Error{Kind: errs.Unavailable, Msg: "the node that keeps this snapshot is not available", RetryAfter: 10 * time.Second}
 	}
 	if n.Free() <= 0 {
@@ -95,21 +102,86 @@ func (m *Master) CreateOn(ctx context.Context, nodeID string, req node.CreateReq
 	return n.Create(ctx, req)
 }
 
-// Create places a sandbox on the node with the most free slots. If a node
-// fills between the choice and the reservation the next one is tried;
-// when all are full the error is ResourceExhausted with a retry hint, and
-// with no node at all it is Unavailable.
-func (m *Master) Create(ctx context.Context, req node.CreateRequest) (*store.Sandbox, error) {
-	nodes := m.Nodes()
-	if len(nodes) == 0 {
-		return nil, &errs.Error{Kind: errs.Unavailable, Msg: "no node is available", RetryAfter: 10 * time.Second}
+// TemplateHaver is implemented by nodes that know which templates they
+// have ready (cluster nodes report theirs); Create passes over a node
+// without the template. A node without it is taken to have every one.
+type TemplateHaver interface{ HasTemplate(id string) bool }
+
+// Upper is implemented by nodes that can be down (a cluster node that
+// stopped heartbeating). A node without it is always up.
+type Upper interface{ Up() bool }
+
+func up(n Node) bool {
+	u, ok := n.(Upper)
+	return !ok || u.Up()
+}
+
+// Rank orders the nodes a create should try: up nodes with a free slot,
+// least loaded first (lowest share of capacity in use, then most free
+// slots, then id). Free and Capacity are read once per node.
+func Rank(nodes []Node) []Node {
+	type cand struct {
+		n          Node
+		free, capa int
 	}
-	sort.SliceStable(nodes, func(i, j int) bool { return nodes[i].Free() > nodes[j].Free() })
-	var lastErr error
+	var cs []cand
 	for _, n := range nodes {
-		if n.Free() <= 0 {
+		if !up(n) {
 			continue
 		}
+		f, c := n.Free(), n.Capacity()
+		if f <= 0 || c <= 0 {
+			continue
+		}
+		cs = append(cs, cand{n, f, c})
+	}
+	sort.SliceStable(cs, func(i, j int) bool {
+		// used_i/cap_i < used_j/cap_j without division.
+		li, lj := (cs[i].capa-cs[i].free)*cs[j].capa, (cs[j].capa-cs[j].free)*cs[i].capa
+		if li != lj {
+			return li < lj
+		}
+		if cs[i].free != cs[j].free {
+			return cs[i].free > cs[j].free
+		}
+		return cs[i].n.ID() < cs[j].n.ID()
+	})
+	out := make([]Node, len(cs))
+	for i, c := range cs {
+		out[i] = c.n
+	}
+	return out
+}
+
+// Create places a sandbox on the least loaded node (Rank). If a node
+// fills between the choice and the reservation the next one is tried;
+// when all are full the error is ResourceExhausted with a retry hint, and
+// with no node up at all it is Unavailable.
+func (m *Master) Create(ctx context.Context, req node.CreateRequest) (*store.Sandbox, error) {
+	all := m.Nodes()
+	anyUp := false
+	for _, n := range all {
+		anyUp = anyUp || up(n)
+	}
+	if !anyUp {
+		return nil, &errs.Error{Kind: errs.Unavailable, Msg: "no node is available", RetryAfter: 10 * time.Second}
+	}
+	var lastErr error
+	ranked := Rank(all)
+	if req.Template != nil {
+		var with []Node
+		for _, n := range ranked {
+			if th, ok := n.(TemplateHaver); !ok || th.HasTemplate(req.Template.ID) {
+				with = append(with, n)
+			}
+		}
+		if len(with) == 0 && len(ranked) > 0 {
+			return nil, &errs.Error{Kind: errs.Unavailable, RetryAfter: 10 * time.Second,
+				Msg: "no node with a free slot has template " + req.Template.ID + " ready"}
+		}
+		ranked = with
+	}
+	for _, n := range ranked {
 		sb, err := n.Create(ctx, req)
 		if err == nil {
 			return sb, nil

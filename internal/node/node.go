@@ -220,6 +220,22 @@ func (n *Node) Get(id string) (*store.Sandbox, error) {
 	return &c, nil
 }
 
+// List returns copies of the live sandboxes of this node, by id.
+func (n *Node) List() []*store.Sandbox {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make([]*store.Sandbox, 0, len(n.cache))
+	for _, sb := range n.cache {
+		c := *sb
+		out = append(out, &c)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Store returns the node's store.
+func (n *Node) Store() *store.Store { return n.st }
+
 // Counts returns the number of live sandboxes per state.
 func (n *Node) Counts() map[store.SandboxState]int {
 	n.mu.Lock()

@@ -1,5 +1,7 @@
 // Package server assembles the all-in-one `cube server`: store, node (the
-// local one), master, REST API and sandbox proxy on one listener.
+// local one), master, REST API and sandbox proxy on one listener; or,
+// with NewControl, the cluster control plane: the same without a local
+// node, plus the nodes' heartbeat route /cluster/v1/ (internal/cluster).
 //
 // A request carrying E2b-Sandbox-Id, or whose Host is
 // `<port>-<id>.<domain>`, is data plane and goes to the proxy; everything
@@ -15,9 +17,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/cubesandbox/cube/internal/api"
+	"github.com/cubesandbox/cube/internal/cluster"
 	"github.com/cubesandbox/cube/internal/config"
 	"github.com/cubesandbox/cube/internal/errs"
 	"github.com/cubesandbox/cube/internal/master"
@@ -33,7 +37,8 @@ type Server struct {
 	cfg     config.Config
 	log     *slog.Logger
 	Store   *store.Store
-	Node    *node.Node
+	Node    *node.Node       // nil in a control
+	Cluster *cluster.Control // nil in the all-in-one server
 	Master  *master.Master
 	API     *api.API
 	Proxy   *proxy.Proxy
@@ -67,6 +72,44 @@ func New(ctx context.Context, cfg config.Config, rt runtime.Runtime, log *slog.L
 	return s, nil
 }
 
+// NewControl opens the store and builds the control plane of a cluster:
+// API, proxy and scheduler over the nodes that join (cfg.ClusterToken
+// required). Close releases it.
+func NewControl(ctx context.Context, cfg config.Config, log *slog.Logger) (*Server, error) {
+	uiH, err := ui.Handler(cfg.UIDir)
+	if err != nil {
+		return nil, errs.Wrap(errs.InvalidArgument, err, "uiDir %q", cfg.UIDir)
+	}
+	if cfg.ClusterToken == "" {
+		return nil, errs.E(errs.InvalidArgument, "--role=control needs a cluster token (config clusterToken, CUBE_CLUSTER_TOKEN or --cluster-token)")
+	}
+	st, err := store.Open(ctx, cfg.DataDir, cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	m := master.New(st)
+	cc, err := cluster.NewControl(ctx, cluster.ControlConfig{Token: cfg.ClusterToken, Heartbeat: cfg.HeartbeatInterval,
+		DownAfter: cfg.NodeDownAfter}, st, m, log)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	cc.Start()
+	metrics := api.NewMetrics(m.Counts)
+	s := &Server{cfg: cfg, log: log, Store: st, Master: m, Cluster: cc, Metrics: metrics}
+	s.API = api.New(api.Config{Domain: cfg.Domain, DefaultTimeout: cfg.DefaultTimeout, UI: uiH}, m, st, metrics, log)
+	s.Proxy = proxy.New(m, cfg.Domain, metrics.ProxyBytes, metrics.ProxyRequests, log)
+	clusterH := cc.Handler()
+	s.handler = api.WithRequestID(log, metrics, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, _, ok, _ := s.Proxy.Match(r); !ok && strings.HasPrefix(r.URL.Path, "/cluster/") {
+			clusterH.ServeHTTP(w, r)
+			return
+		}
+		s.route(w, r)
+	}))
+	return s, nil
+}
+
 func (s *Server) route(w http.ResponseWriter, r *http.Request) {
 	if _, _, ok, _ := s.Proxy.Match(r); ok {
 		s.Proxy.ServeHTTP(w, r)
@@ -81,7 +124,12 @@ func (s *Server) Handler() http.Handler { return s.handler }
 // Close stops the node's loops and closes the store. Sandboxes keep
 // running for the next start to re-adopt.
 func (s *Server) Close() error {
-	s.Node.Stop()
+	if s.Node != nil {
+		s.Node.Stop()
+	}
+	if s.Cluster != nil {
+		s.Cluster.Stop()
+	}
 	s.Proxy.Close()
 	return s.Store.Close()
 }

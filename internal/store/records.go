@@ -506,6 +506,32 @@ func (s *Store) AddEvent(ctx context.Context, e *Event) error {
 	return dbErr(err, "add event")
 }
 
+// EventsAfter returns the events of every sandbox with an id above after
+// (exclusive), oldest first, at most limit (0 = 1000): what a cluster
+// node ships to its control.
+func (s *Store) EventsAfter(ctx context.Context, after string, limit int) ([]*Event, error) {
+	if limit <= 0 || limit > 1000 {
+		limit = 1000
+	}
+	rows, err := s.query(ctx, fmt.Sprintf(`SELECT id, sandbox_id, kind, from_state, to_state, message, at FROM events WHERE id > ? ORDER BY id ASC LIMIT %d`, limit), after)
+	if err != nil {
+		return nil, dbErr(err, "list events")
+	}
+	defer rows.Close()
+	var out []*Event
+	for rows.Next() {
+		var e Event
+		var from, to string
+		var at int64
+		if err := rows.Scan(&e.ID, &e.SandboxID, &e.Kind, &from, &to, &e.Message, &at); err != nil {
+			return nil, dbErr(err, "list events")
+		}
+		e.From, e.To, e.At = SandboxState(from), SandboxState(to), fromMS(at)
+		out = append(out, &e)
+	}
+	return out, dbErr(rows.Err(), "list events")
+}
+
 // ListEvents returns events of sandbox after cursor id (exclusive), oldest
 // first (newest first if desc), at most limit (0 = 1000).
 func (s *Store) ListEvents(ctx context.Context, sandboxID, after string, desc bool, limit int) ([]*Event, error) {

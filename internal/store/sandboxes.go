@@ -340,3 +340,18 @@ func SortedKeys(m map[string]string) []string {
 	sort.Strings(ks)
 	return ks
 }
+
+// PutSandbox writes every field of sb, inserting the record if it is new
+// (a control plane mirroring a remote node's records). UpdatedAt is set
+// to now, as in UpdateSandbox.
+func (s *Store) PutSandbox(ctx context.Context, sb *Sandbox) error {
+	err := s.UpdateSandbox(ctx, sb)
+	if errs.Is(err, errs.NotFound) {
+		err = s.CreateSandbox(ctx, sb)
+		if errs.Is(err, errs.AlreadyExists) {
+			// Raced with another writer: the record exists now.
+			err = s.UpdateSandbox(ctx, sb)
+		}
+	}
+	return err
+}

@@ -369,6 +369,41 @@ func suite(t *testing.T, s *store.Store) {
 		if len(ns) != 1 || ns[0].Capacity != 9 {
 			t.Fatal(ns)
 		}
+		// PutSandbox: insert a record made elsewhere (a cluster node's),
+		// then overwrite it.
+		remote := &store.Sandbox{ID: "remote1", KeyID: "k9", TemplateID: "base", NodeID: "n2", State: store.StateRunning,
+			CPUCount: 1, MemoryMB: 256, DiskMB: 512, EnvdVersion: "0.6.13", StartedAt: time.Now(), EndAt: time.Now().Add(time.Minute)}
+		if err := s.PutSandbox(ctx, remote); err != nil {
+			t.Fatal(err)
+		}
+		remote.State, remote.Reason = store.StateFailed, "node n2 is down"
+		if err := s.PutSandbox(ctx, remote); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := s.GetSandbox(ctx, "remote1"); err != nil || got.State != store.StateFailed || got.NodeID != "n2" || got.Reason != "node n2 is down" {
+			t.Fatalf("put sandbox: %+v %v", got, err)
+		}
+		// EventsAfter: every sandbox's events in id order, from a cursor;
+		// an event added again under its id is AlreadyExists.
+		all, err := s.EventsAfter(ctx, "", 0)
+		if err != nil || len(all) == 0 {
+			t.Fatalf("events after: %d %v", len(all), err)
+		}
+		for i := 1; i < len(all); i++ {
+			if all[i-1].ID >= all[i].ID {
+				t.Fatalf("events out of order: %s %s", all[i-1].ID, all[i].ID)
+			}
+		}
+		if rest, _ := s.EventsAfter(ctx, all[0].ID, 0); len(rest) != len(all)-1 {
+			t.Fatalf("events after the first: %d of %d", len(rest), len(all))
+		}
+		if one, _ := s.EventsAfter(ctx, "", 1); len(one) != 1 || one[0].ID != all[0].ID {
+			t.Fatalf("limit 1: %v", one)
+		}
+		dup := *all[0]
+		if err := s.AddEvent(ctx, &dup); !errs.Is(err, errs.AlreadyExists) {
+			t.Fatalf("event added twice: %v", err)
+		}
 	})
 }
 
