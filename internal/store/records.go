@@ -517,19 +517,7 @@ func (s *Store) EventsAfter(ctx context.Context, after string, limit int) ([]*Ev
 	if err != nil {
 		return nil, dbErr(err, "list events")
 	}
-	defer rows.Close()
-	var out []*Event
-	for rows.Next() {
-		var e Event
-		var from, to string
-		var at int64
-		if err := rows.Scan(&e.ID, &e.SandboxID, &e.Kind, &from, &to, &e.Message, &at); err != nil {
-			return nil, dbErr(err, "list events")
-		}
-		e.From, e.To, e.At = SandboxState(from), SandboxState(to), fromMS(at)
-		out = append(out, &e)
-	}
-	return out, dbErr(rows.Err(), "list events")
+	return scanEvents(rows)
 }
 
 // ListEvents returns events of sandbox after cursor id (exclusive), oldest
@@ -558,6 +546,12 @@ func (s *Store) ListEvents(ctx context.Context, sandboxID, after string, desc bo
 	if err != nil {
 		return nil, dbErr(err, "list events")
 	}
+	return scanEvents(rows)
+}
+
+// scanEvents reads the rows of an events query (id, sandbox_id, kind,
+// from_state, to_state, message, at) and closes them.
+func scanEvents(rows *sql.Rows) ([]*Event, error) {
 	defer rows.Close()
 	var out []*Event
 	for rows.Next() {

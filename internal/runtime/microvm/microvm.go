@@ -87,28 +87,8 @@ const (
 	cmdline       = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 quiet"
 )
 
-// validID: 1-128 of [A-Za-z0-9._-], starting with a letter or digit.
-// (Hand-written: the equivalent regexp with {0,127} keeps ~100 KiB of
-// compiled program alive in every process linking this package, each
-// VMM included.)
-func validID(s string) bool {
-	if len(s) == 0 || len(s) > 128 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
-		case i > 0 && (c == '_' || c == '.' || c == '-'):
-		default:
-			return false
-		}
-	}
-	return true
-}
-
 func checkID(kind, id string) error {
-	if !validID(id) {
+	if !jail.ValidName(id) {
 		return errs.E(errs.InvalidArgument, "%s id %q: want 1-128 of [A-Za-z0-9._-]", kind, id)
 	}
 	return nil

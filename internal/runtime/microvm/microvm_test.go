@@ -28,6 +28,7 @@ import (
 	"github.com/cubesandbox/cube/internal/runtime"
 	"github.com/cubesandbox/cube/internal/runtime/conformance"
 	"github.com/cubesandbox/cube/internal/template"
+	"github.com/cubesandbox/cube/internal/vmm/jail"
 	"github.com/cubesandbox/cube/internal/vmm/snapshot"
 	stt "github.com/cubesandbox/cube/internal/vmm/snapshot/snaptest"
 	"github.com/cubesandbox/cube/internal/vmm/vmmapi"
@@ -468,8 +469,8 @@ func TestValidID(t *testing.T) {
 		cases = append(cases, "x"+string(rune(i)), string(rune(i)))
 	}
 	for _, c := range cases {
-		if got, want := validID(c), re.MatchString(c); got != want {
-			t.Errorf("validID(%q) = %v, want %v", c, got, want)
+		if got, want := jail.ValidName(c), re.MatchString(c); got != want {
+			t.Errorf("jail.ValidName(%q) = %v, want %v", c, got, want)
 		}
 	}
 }

@@ -69,8 +69,8 @@ func TestValidName(t *testing.T) {
 		cases = append(cases, "x"+string(rune(i)), string(rune(i)))
 	}
 	for _, c := range cases {
-		if got, want := validName(c), re.MatchString(c); got != want {
-			t.Errorf("validName(%q) = %v, want %v", c, got, want)
+		if got, want := ValidName(c), re.MatchString(c); got != want {
+			t.Errorf("ValidName(%q) = %v, want %v", c, got, want)
 		}
 	}
 }
